@@ -1,0 +1,1 @@
+"""regiondrag.engine"""

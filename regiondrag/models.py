@@ -1,0 +1,175 @@
+"""Loading SD-1.x components and IP-Adapter-Plus (ALGORITHM.md §2).
+
+``load_components(model, ip_adapter, device, dtype)`` accepts:
+
+* a hub id (default ``stable-diffusion-v1-5/stable-diffusion-v1-5``), fetched through diffusers;
+* a local diffusers directory (``model_index.json`` inside);
+* a single ``.safetensors`` / ``.ckpt`` checkpoint (``StableDiffusionPipeline.from_single_file``);
+* ``"tiny"``: a small random-weight SD-1.5-architecture model with a tiny IP-Adapter, written once
+  from configs with a fixed seed (see :mod:`regiondrag.tiny`) and then loaded like any local directory.
+
+``ip_adapter`` is a hub id laid out like ``h94/IP-Adapter`` (``models/ip-adapter-plus_sd15.*`` and
+``models/image_encoder/``), a local directory with that layout, ``None`` (no IP-Adapter) or
+``"default"`` (``h94/IP-Adapter``, or the tiny adapter for ``model="tiny"``). Scale 0.5 on every
+cross-attention layer, as the reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_IP_ADAPTER = "h94/IP-Adapter"
+IP_ADAPTER_SCALE = 0.5
+IP_WEIGHT_NAMES = ("ip-adapter-plus_sd15.safetensors", "ip-adapter-plus_sd15.bin")
+
+
+class ModelLoadError(ValueError):
+    """The weights could not be found or fetched; the message is one sentence meant for the user."""
+
+
+@dataclass
+class Components:
+    """The networks of one SD-1.x model (+ optional IP-Adapter-Plus), on one device and dtype."""
+
+    vae: Any
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict
+    image_encoder: Any = None
+    feature_extractor: Any = None
+    ip_adapter_scale: float | None = None
+    source: str = ""
+    random_weights: bool = False
+    fingerprint: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+
+def cache_root() -> Path:
+    """Root of regiondrag's on-disk cache (``REGIONDRAG_CACHE`` or ``~/.cache/regiondrag``)."""
+    return Path(os.environ.get("REGIONDRAG_CACHE", Path.home() / ".cache" / "regiondrag"))
+
+
+def _not_found(what: str, name: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load {what} {name!r} (no network, an unknown hub id, or a path that does not exist: "
+        f"{type(exc).__name__}); pass a local diffusers directory, a .safetensors checkpoint, "
+        f"or 'tiny' for a random-weight test model")
+
+
+def _load_sd_pipeline(model: str, config: str | None):
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    path = Path(model).expanduser()
+    try:
+        if path.is_file():
+            if path.suffix not in (".safetensors", ".ckpt"):
+                raise ModelLoadError(f"{model!r} is a file but not a .safetensors or .ckpt checkpoint")
+            if config is not None:
+                kwargs["config"] = config
+            return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise ModelLoadError(f"{model!r} is a directory without model_index.json; "
+                                     f"expected a diffusers Stable Diffusion directory")
+            return StableDiffusionPipeline.from_pretrained(str(path), **kwargs)
+        if model.count("/") != 1 or model.startswith((".", "/", "~")):
+            raise ModelLoadError(f"model {model!r} is neither an existing path nor a hub id (owner/name); "
+                                 f"pass a local diffusers directory, a .safetensors checkpoint, or 'tiny'")
+        return StableDiffusionPipeline.from_pretrained(model, **kwargs)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise _not_found("model", model, exc) from exc
+
+
+def _attach_ip_adapter(pipe, ip_adapter: str) -> None:
+    """Load IP-Adapter-Plus (weights in ``models/``, encoder in ``models/image_encoder``) at scale 0.5."""
+    path = Path(ip_adapter).expanduser()
+    weight = IP_WEIGHT_NAMES[0]
+    if path.is_dir():
+        found = [n for n in IP_WEIGHT_NAMES if (path / "models" / n).is_file()]
+        if not found or not (path / "models" / "image_encoder").is_dir():
+            raise ModelLoadError(f"IP-Adapter directory {ip_adapter!r} must hold models/ip-adapter-plus_sd15"
+                                 f".safetensors (or .bin) and models/image_encoder/, like h94/IP-Adapter")
+        weight, ip_adapter = found[0], str(path)
+    try:
+        pipe.load_ip_adapter(ip_adapter, subfolder="models", weight_name=weight,
+                             image_encoder_folder="image_encoder")
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise _not_found("IP-Adapter", ip_adapter, exc) from exc
+    pipe.set_ip_adapter_scale(IP_ADAPTER_SCALE)
+
+
+def _explicit_scheduler_config(config) -> dict:
+    """The keys the scheduler config file really sets.
+
+    diffusers fills missing keys with the loading class's defaults (PNDM: ``timestep_spacing="leading"``)
+    and lists them in ``_use_default_values``; the reference converts the config to
+    DPMSolverMultistepScheduler, which drops those and applies its own defaults (``"linspace"``).
+    """
+    defaults = set(config.get("_use_default_values", ()))
+    return {k: v for k, v in dict(config).items() if k not in defaults}
+
+
+def _fingerprint(model: str, ip_adapter: str | None, unet) -> str:
+    """A short stable id of the weights: source names plus a checksum of a few UNet tensors."""
+    h = hashlib.sha256(json.dumps([model, ip_adapter, dict(unet.config)], default=str, sort_keys=True).encode())
+    for _, p in list(unet.named_parameters())[:4]:
+        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+    return h.hexdigest()[:16]
+
+
+def load_components(model: str = DEFAULT_MODEL, ip_adapter: str | None = "default", device: str = "cpu",
+                    dtype: torch.dtype = torch.float32, config: str | None = None) -> Components:
+    """Load the networks of ``model`` (+ IP-Adapter-Plus) onto ``device`` in ``dtype``.
+
+    ``config`` is only used for single-file checkpoints: a diffusers directory or hub id whose
+    configs describe the checkpoint (diffusers otherwise fetches them from the hub).
+    Raises :class:`ModelLoadError` (a ``ValueError``) with a one-sentence message when the weights
+    cannot be found or fetched.
+    """
+    random_weights = model == "tiny"
+    if random_weights:
+        from .tiny import tiny_model_dir
+
+        root = tiny_model_dir()
+        model_path = str(root)
+        if ip_adapter == "default":
+            ip_adapter = str(root / "ip_adapter")
+    else:
+        model_path = model
+        if ip_adapter == "default":
+            ip_adapter = DEFAULT_IP_ADAPTER
+    pipe = _load_sd_pipeline(model_path, config)
+    random_weights = random_weights or (Path(model_path) / "REGIONDRAG_RANDOM_WEIGHTS").is_file()
+    if ip_adapter is not None:
+        _attach_ip_adapter(pipe, ip_adapter)
+    pipe.to(device=device, dtype=dtype)
+    for net in (pipe.vae, pipe.unet, pipe.text_encoder, pipe.image_encoder):
+        if net is not None:
+            net.eval().requires_grad_(False)
+    return Components(
+        vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+        scheduler_config=_explicit_scheduler_config(pipe.scheduler.config),
+        image_encoder=pipe.image_encoder if ip_adapter is not None else None,
+        feature_extractor=pipe.feature_extractor if ip_adapter is not None else None,
+        ip_adapter_scale=IP_ADAPTER_SCALE if ip_adapter is not None else None,
+        source=model, random_weights=random_weights,
+        fingerprint=_fingerprint(model, ip_adapter, pipe.unet))

@@ -1,0 +1,270 @@
+"""RegionDragPipeline: the public API and the scheduler loop (ALGORITHM.md §3, §9-13).
+
+An edit runs in numbered stages (see :meth:`RegionDragPipeline.edit`):
+
+1. inputs: image, drag and editing mask to the processing size (sides multiples of 8), point lists
+2. conditioning: text and IP-Adapter image embeddings (§2)
+3. VAE encode with a seeded posterior sample (§3.4)
+4. inversion with K/V capture (§5, §7, §10-11)
+5. sampling with blur, copy-paste, mask blend and K/V replay (§6, §8, §9)
+6. VAE decode and postprocess (§12)
+
+The random draws follow §13 on one generator on the edit's device, so a seed reproduces the
+reference's noise. Nothing inside the step loops reads a device value back to the host.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import schedule as sch
+from .attention import install_kv_processors
+from .drags import border_points
+from .inputs import EditInputs, prepare_inputs
+from .models import DEFAULT_MODEL, Components, load_components
+from .timing import StageTimer
+
+VAE_SCALE = 0.18215  # QUIRK-free constant of the reference: used for encode and decode (§3.4, §12)
+METHODS = ("encode_then_cp", "cp_then_encode")
+BACKENDS = ("torch",)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class EditResult:
+    """Output of :meth:`RegionDragPipeline.edit`."""
+
+    image: Image.Image  # same size as the input image
+    latent: torch.Tensor  # 1 x 4 x h x w, the final latent before decoding
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
+
+
+class RegionDragPipeline:
+    """Region-based drag editing with Stable Diffusion 1.x (+ IP-Adapter-Plus)."""
+
+    def __init__(self, components: Components, backend: str = "torch"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
+        self.components, self.backend = components, backend
+        self.kv = install_kv_processors(components.unet)
+
+    @classmethod
+    def from_pretrained(cls, model: str = DEFAULT_MODEL, ip_adapter: str | None = "default",
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        backend: str = "torch", config: str | None = None) -> "RegionDragPipeline":
+        """Load ``model`` (hub id, local diffusers dir, ``.safetensors`` file or ``"tiny"``).
+
+        ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA, float32 elsewhere.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        return cls(load_components(model, ip_adapter, device, dtype, config=config), backend)
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.components.dtype
+
+    # ------------------------------------------------------------------ the edit
+    @torch.no_grad()
+    def edit(self, image, drag, prompt: str = "", method: str = "encode_then_cp", steps: int = 20,
+             start_t: float = 0.5, end_t: float = 0.2, noise_scale: float = 1.0, seed: int = 42,
+             mask=None, preview=None, progress: Progress | None = None) -> EditResult:
+        """Move the content of each handle region of ``drag`` to its target region.
+
+        ``image``: PIL image, HxWx3 uint8 array or path. ``drag``: RegionPairs, PolygonPairs,
+        RegionPoints or PointPairs in the image's pixel coordinates. ``mask``: HxW editing mask in
+        {0,1} (None = all ones). ``preview``: the image whose inversion 'cp_then_encode' copies from
+        (None = ``drag.preview(image)``, as the paper's UI). See README for every parameter.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+        if not (isinstance(noise_scale, (int, float)) and noise_scale >= 0):
+            raise ValueError(f"noise_scale must be a number >= 0, got {noise_scale!r}")
+        sde = method == "encode_then_cp"
+        plan = sch.make_schedule(steps, start_t, end_t, sde, self.components.scheduler_config)
+        timer = StageTimer(self.device)
+        progress = progress or (lambda stage, i, n: None)
+
+        # 1. inputs at the processing size, point lists as device index tensors
+        with timer("inputs"):
+            inp = prepare_inputs(image, drag, mask, preview, need_preview=not sde)
+            pts = self._point_lists(inp, sde)
+        gen = torch.Generator(self.device).manual_seed(int(seed))
+        # 2. conditioning
+        with timer("text_encode"):
+            cond = self._encode_text(prompt)
+        with timer("image_encode"):
+            ip = self._encode_image(inp.image)
+        eps = self._eps_fn(cond, ip)
+        # 3. VAE encode (posterior samples: the first RNG draws, §13)
+        with timer("vae_encode"):
+            z0 = self._encode_latent(inp.image, gen)
+            z0_prev = self._encode_latent(inp.preview, gen) if not sde else None
+        # 4. inversion with K/V capture
+        with timer("inversion"):
+            if sde:
+                hooks, noises = self._invert_sde(plan, z0, gen, eps, progress)
+                start = None
+            else:
+                hooks = self._invert_ode(plan, z0_prev, eps, progress, capture=False)
+                start = self._invert_ode(plan, z0, eps, progress, capture=True)[-1]
+                noises = None
+        # 5. sampling
+        with timer("sampling"):
+            latent = self._sample(plan, hooks, noises, start, pts, noise_scale, gen, eps, progress)
+        # 6. decode + postprocess
+        with timer("vae_decode"):
+            decoded = self.components.vae.decode(latent / VAE_SCALE).sample
+        with timer("postprocess"):
+            out = inp.postprocess(decoded)
+        return EditResult(image=Image.fromarray(out), latent=latent, timings=timer.finish())
+
+    # ------------------------------------------------------------------ stages
+    def _point_lists(self, inp: EditInputs, sde: bool) -> dict:
+        """§3.2-3 point roles as flat latent indices; duplicates resolved once (last pair wins)."""
+        from regiondrag.kernels.region_ops import last_unique
+
+        h, w = inp.latent_hw
+        src, trg = inp.drag.to_points(1 / 8)
+        src, trg = src.astype(np.int64), trg.astype(np.int64)
+        for name, p in (("source", src), ("target", trg)):
+            if p.size == 0 or p[:, 0].min() < 0 or p[:, 1].min() < 0 or p[:, 0].max() >= w or p[:, 1].max() >= h:
+                raise ValueError(f"{name} points fall outside the {w}x{h} latent grid of the image")
+        copy_pts, paste_pts = (src, trg) if sde else (trg, trg)
+        # QUIRK (§3.3): CPTE also blurs the outline VERTICES of the target (CHAIN_APPROX_SIMPLE); they are
+        # overwritten by the first copy-paste but consume random draws.
+        blur_pts = src if sde else np.concatenate([border_points(trg).astype(np.int64), src])
+
+        def flat(p):
+            return p[:, 1] * w + p[:, 0]
+
+        paste_u, paste_last = last_unique(flat(paste_pts))
+        blur_u, blur_last = last_unique(flat(blur_pts))
+        dev = self.device
+        return dict(copy=torch.from_numpy(flat(copy_pts)[paste_last]).to(dev),
+                    paste=torch.from_numpy(paste_u).to(dev),
+                    blur=torch.from_numpy(blur_u).to(dev), blur_last=torch.from_numpy(blur_last).to(dev),
+                    n_blur=len(blur_pts),
+                    mask=torch.from_numpy(inp.latent_mask).to(dev))
+
+    def _encode_text(self, prompt: str) -> torch.Tensor:
+        """§2: last hidden state of the text encoder on the prompt padded/truncated to 77 tokens."""
+        c = self.components
+        ids = c.tokenizer(prompt, padding="max_length", max_length=77, truncation=True,
+                          return_tensors="pt").input_ids.to(self.device)
+        return c.text_encoder(ids)[0].to(self.dtype)
+
+    def _encode_image(self, image: np.ndarray):
+        """§2: IP-Adapter image tokens ``stack(e_0, e_img)`` (penultimate hidden states), or None.
+
+        QUIRK (IP tokens): both the zero-image and the real-image embeddings reach the IP branch,
+        which then attends over 32 tokens; reproduced by passing the stacked pair, as the reference.
+        """
+        c = self.components
+        if c.image_encoder is None:
+            return None
+        pix = c.feature_extractor(image, return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        e_img = c.image_encoder(pix, output_hidden_states=True).hidden_states[-2]
+        e_0 = c.image_encoder(torch.zeros_like(pix), output_hidden_states=True).hidden_states[-2]
+        return [torch.stack([e_0, e_img])]
+
+    def _eps_fn(self, cond: torch.Tensor, ip) -> sch.Eps:
+        """ε(x, t): one UNet call, guidance scale 1 (§2). Timesteps live on the device already."""
+        unet = self.components.unet
+        kwargs = {"added_cond_kwargs": {"image_embeds": ip}} if ip is not None else {}
+        cache: dict[int, torch.Tensor] = {}
+
+        def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+            if t not in cache:
+                cache[t] = torch.tensor(t, dtype=torch.int64).to(x.device)
+            return unet(x, cache[t], encoder_hidden_states=cond, **kwargs).sample
+
+        return eps
+
+    def _encode_latent(self, image: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        """§3.4: ``z0 = 0.18215 · (mean + std · randn)`` of the VAE posterior, ``randn`` from ``gen``."""
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].to(self.device, torch.float32) / 255.0
+        dist = self.components.vae.encode((2 * x - 1).to(self.dtype)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=gen, device=self.device, dtype=dist.mean.dtype)
+        return VAE_SCALE * (dist.mean + dist.std * noise)
+
+    def _invert_sde(self, plan: sch.Schedule, z0, gen, eps, progress):
+        """§5 SDE inversion over F with K/V capture; returns (hook latents (S+1), noises (S))."""
+        hooks, noises, x = [z0], [], z0
+        self.kv.start_capture()
+        for j, c in enumerate(plan.forward):
+            progress("inversion", j, plan.num_steps)
+            xi = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            self.kv.new_call()
+            x, n = sch.forward_sde_step(c, x, xi, eps)
+            hooks.append(x)
+            noises.append(n)
+        self.kv.stop()
+        return hooks, noises
+
+    def _invert_ode(self, plan: sch.Schedule, z0, eps, progress, capture: bool):
+        """§5 ODE (DDIM) inversion over F; captures K/V when ``capture``; returns the S+1 latents."""
+        hooks, x = [z0], z0
+        if capture:
+            self.kv.start_capture()
+        for j, c in enumerate(plan.forward):
+            progress("inversion", j, plan.num_steps)
+            if capture:
+                self.kv.new_call()
+            x = sch.forward_ode_step(c, x, eps)
+            hooks.append(x)
+        self.kv.stop()
+        return hooks
+
+    def _sample(self, plan: sch.Schedule, hooks, noises, start, pts, noise_scale, gen, eps, progress):
+        """§9: blur, then per step: pop hook -> copy-paste (if t >= E) -> mask blend -> sampler step."""
+        from regiondrag.kernels.region_ops import blur_ref, paste_blend_ref
+
+        s = plan.num_steps
+        x = hooks[-1].clone() if start is None else start.clone()
+        z = torch.randn((x.shape[1], pts["n_blur"]), generator=gen, device=x.device, dtype=x.dtype)
+        blur_ref(x, pts["blur"], z[:, pts["blur_last"]], noise_scale)
+        for i, c in enumerate(plan.backward):
+            progress("sampling", i, s)
+            h = hooks[s - i]
+            if plan.copy_mask[i]:
+                paste_blend_ref(x, h, pts["copy"], pts["paste"], pts["mask"])
+            else:
+                x = torch.where(pts["mask"], x, h)
+            # Backward call i replays the K/V of forward call S-1-i (§7).
+            self.kv.use_call(s - 1 - i)
+            if noises is not None:
+                noise = noises[s - 1 - i]
+            else:  # ODE: σ = 0, but the reference still draws (and discards) one randn per step (§13)
+                noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+            x = sch.sample_step(c, x, noise, eps)
+        self.kv.clear()
+        return x
+
+
+def load_image(image) -> np.ndarray:
+    """PIL image, HxWx3 uint8 array or path -> HxWx3 uint8 RGB array."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"image file {str(path)!r} does not exist")
+        image = Image.open(path)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {arr.shape} dtype {arr.dtype}")
+    if min(arr.shape[:2]) < 8:
+        raise ValueError(f"image must be at least 8x8 pixels, got {arr.shape[1]}x{arr.shape[0]}")
+    return np.ascontiguousarray(arr)
