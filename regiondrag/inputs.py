@@ -20,8 +20,8 @@ DRAG_TYPES = (RegionPairs, PolygonPairs, RegionPoints, PointPairs)
 
 
 def processing_size(height: int, width: int) -> tuple[int, int]:
-    """Nearest multiples of 8 (at least 8) of the image sides."""
-    return max(8, int(round(height / 8)) * 8), max(8, int(round(width / 8)) * 8)
+    """Nearest multiples of 8 (at least 8; halfway rounds up) of the image sides."""
+    return max(8, int(height / 8 + 0.5) * 8), max(8, int(width / 8 + 0.5) * 8)
 
 
 def as_binary_mask(mask, shape: tuple[int, int], name: str = "mask") -> np.ndarray:

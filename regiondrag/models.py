@@ -72,10 +72,10 @@ def _not_found(what: str, name: str, exc: Exception) -> ModelLoadError:
         f"or 'tiny' for a random-weight test model")
 
 
-def _load_sd_pipeline(model: str, config: str | None):
+def _load_sd_pipeline(model: str, config: str | None, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
-    kwargs = dict(safety_checker=None, requires_safety_checker=False)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
     path = Path(model).expanduser()
     try:
         if path.is_file():
@@ -128,11 +128,19 @@ def _explicit_scheduler_config(config) -> dict:
     return {k: v for k, v in dict(config).items() if k not in defaults}
 
 
-def _fingerprint(model: str, ip_adapter: str | None, unet) -> str:
-    """A short stable id of the weights: source names plus a checksum of a few UNet tensors."""
-    h = hashlib.sha256(json.dumps([model, ip_adapter, dict(unet.config)], default=str, sort_keys=True).encode())
-    for _, p in list(unet.named_parameters())[:4]:
-        h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+def _fingerprint(unet, image_encoder) -> str:
+    """A short content id of the weights: configs plus the first values of every UNet/encoder tensor.
+
+    The UNet's parameters include the IP-Adapter's projections once it is attached.
+    """
+    nets = [unet] + ([image_encoder] if image_encoder is not None else [])
+    configs = [dict(n.config) if hasattr(n.config, "items") else n.config.to_dict() for n in nets]
+    configs = [{k: v for k, v in c.items() if not k.startswith("_")} for c in configs]  # no paths
+    h = hashlib.sha256(json.dumps(configs, default=str, sort_keys=True).encode())
+    for net in nets:
+        for name, p in net.named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().reshape(-1)[:256].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -157,11 +165,11 @@ def load_components(model: str = DEFAULT_MODEL, ip_adapter: str | None = "defaul
         model_path = model
         if ip_adapter == "default":
             ip_adapter = DEFAULT_IP_ADAPTER
-    pipe = _load_sd_pipeline(model_path, config)
+    pipe = _load_sd_pipeline(model_path, config, dtype)
     random_weights = random_weights or (Path(model_path) / "REGIONDRAG_RANDOM_WEIGHTS").is_file()
     if ip_adapter is not None:
         _attach_ip_adapter(pipe, ip_adapter)
-    pipe.to(device=device, dtype=dtype)
+    pipe.to(device)
     for net in (pipe.vae, pipe.unet, pipe.text_encoder, pipe.image_encoder):
         if net is not None:
             net.eval().requires_grad_(False)
@@ -172,4 +180,4 @@ def load_components(model: str = DEFAULT_MODEL, ip_adapter: str | None = "defaul
         feature_extractor=pipe.feature_extractor if ip_adapter is not None else None,
         ip_adapter_scale=IP_ADAPTER_SCALE if ip_adapter is not None else None,
         source=model, random_weights=random_weights,
-        fingerprint=_fingerprint(model, ip_adapter, pipe.unet))
+        fingerprint=_fingerprint(pipe.unet, pipe.image_encoder if ip_adapter is not None else None))

@@ -106,7 +106,7 @@ class RegionDragPipeline:
             cond = self._encode_text(prompt)
         with timer("image_encode"):
             ip = self._encode_image(inp.image)
-        eps = self._eps_fn(cond, ip)
+        eps = self._eps_fn(cond, ip, plan)
         # 3. VAE encode (posterior samples: the first RNG draws, §13)
         with timer("vae_encode"):
             z0 = self._encode_latent(inp.image, gen)
@@ -179,16 +179,15 @@ class RegionDragPipeline:
         e_0 = c.image_encoder(torch.zeros_like(pix), output_hidden_states=True).hidden_states[-2]
         return [torch.stack([e_0, e_img])]
 
-    def _eps_fn(self, cond: torch.Tensor, ip) -> sch.Eps:
-        """ε(x, t): one UNet call, guidance scale 1 (§2). Timesteps live on the device already."""
+    def _eps_fn(self, cond: torch.Tensor, ip, plan: sch.Schedule) -> sch.Eps:
+        """ε(x, t): one UNet call, guidance scale 1 (§2); ``t`` a 0-d int64 tensor made before the loops."""
         unet = self.components.unet
         kwargs = {"added_cond_kwargs": {"image_embeds": ip}} if ip is not None else {}
-        cache: dict[int, torch.Tensor] = {}
+        levels = {c.t_model for c in plan.forward + plan.backward}
+        t_dev = {t: torch.tensor(t, dtype=torch.int64).to(self.device) for t in levels}
 
         def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-            if t not in cache:
-                cache[t] = torch.tensor(t, dtype=torch.int64).to(x.device)
-            return unet(x, cache[t], encoder_hidden_states=cond, **kwargs).sample
+            return unet(x, t_dev[t], encoder_hidden_states=cond, **kwargs).sample
 
         return eps
 
@@ -267,4 +266,4 @@ def load_image(image) -> np.ndarray:
         raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {arr.shape} dtype {arr.dtype}")
     if min(arr.shape[:2]) < 8:
         raise ValueError(f"image must be at least 8x8 pixels, got {arr.shape[1]}x{arr.shape[0]}")
-    return np.ascontiguousarray(arr)
+    return np.array(arr, copy=True)  # never alias (or write to) the caller's array

@@ -1,0 +1,187 @@
+"""``python -m regiondrag.engine``: a thin command line over the library.
+
+Commands: ``edit`` (one edit from an image + drag JSON, or a DragBench case) and ``info``
+(versions, devices, cache). Set ``REGIONDRAG_DEBUG=1`` for tracebacks. Progress goes to stderr; errors print one line and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+DTYPES = ("float16", "bfloat16", "float32")
+# Library defaults (ALGORITHM.md §15, the paper's evaluation settings); a drag JSON's "params"
+# override them and command-line options override both.
+EDIT_DEFAULTS = dict(method="encode_then_cp", steps=20, start_t=0.5, end_t=0.2, noise_scale=1.0, seed=42)
+
+
+def _say(msg: str) -> None:
+    print(f"[regiondrag] {msg}", file=sys.stderr, flush=True)
+
+
+class _Progress:
+    """One line per stage on stderr, redrawn in place on a terminal."""
+
+    def __init__(self):
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, stage: str, i: int, n: int) -> None:
+        bar = "#" * (i + 1) + "." * (n - i - 1)
+        line = f"[regiondrag] {stage:<9} [{bar}] {i + 1}/{n}"
+        if self.tty:
+            print("\r" + line, end="\n" if i + 1 == n else "", file=sys.stderr, flush=True)
+        elif i + 1 == n:
+            print(f"{line}  ({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr, flush=True)
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers print progress bars and warnings the CLI replaces with its own lines."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both are hard dependencies
+        pass
+
+
+def _add_edit_parser(sub) -> None:
+    p = sub.add_parser("edit", help="run one drag edit",
+                       description="Run one RegionDrag edit and write the result image.")
+    src = p.add_argument_group("input (either --image with --drag, or --sample)")
+    src.add_argument("--image", help="input image (PNG/JPEG)")
+    src.add_argument("--drag", help="drag JSON file (schema in README.md)")
+    src.add_argument("--sample", help="a DragBench / DragBench-SR/DR case directory")
+    p.add_argument("--out", required=True, help="output image path (PNG)")
+    p.add_argument("--mask", help="editing-mask PNG (nonzero = may change); default: the drag file's, else all")
+    p.add_argument("--prompt", help="text prompt (default: the drag file's or case's, else empty)")
+    p.add_argument("--model", default=None, help="hub id, local diffusers dir, .safetensors file, or 'tiny' "
+                   "(default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    p.add_argument("--config", help="for a single-file checkpoint: a diffusers dir or hub id with its configs")
+    p.add_argument("--ip-adapter", default="default",
+                   help="IP-Adapter-Plus: hub id or local dir laid out like h94/IP-Adapter, or 'none' "
+                   "(default: h94/IP-Adapter; the tiny adapter with --model tiny)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--backend", default="torch", help="inference backend (default: torch)")
+    p.add_argument("--method", choices=("encode_then_cp", "cp_then_encode"),
+                   help=f"default {EDIT_DEFAULTS['method']}: SDE inversion then copy-paste (the paper's "
+                   "main method); cp_then_encode: pixel copy-paste then ODE inversion")
+    p.add_argument("--steps", type=int, help=f"timestep grid size (default {EDIT_DEFAULTS['steps']})")
+    p.add_argument("--start-t", type=float, help=f"inversion depth in (0,1) (default {EDIT_DEFAULTS['start_t']})")
+    p.add_argument("--end-t", type=float, help=f"copy-paste cut-off, see README QUIRKs (default {EDIT_DEFAULTS['end_t']})")
+    p.add_argument("--noise-scale", type=float, help=f"noise std at the handle points (default {EDIT_DEFAULTS['noise_scale']})")
+    p.add_argument("--seed", type=int, help=f"random seed (default {EDIT_DEFAULTS['seed']})")
+
+
+def _edit_inputs(args):
+    """(image, drag, prompt, mask, params) from --image/--drag or --sample."""
+    import numpy as np
+
+    from regiondrag.inputs import as_binary_mask
+
+    params: dict = {}
+    if args.sample:
+        if args.image or args.drag:
+            raise ValueError("give either --sample or --image with --drag, not both")
+        from regiondrag.data import load_case
+
+        case = load_case(args.sample)
+        image, drag, prompt, mask = case.image, case.drag, case.prompt, case.mask
+    else:
+        if not (args.image and args.drag):
+            raise ValueError("edit needs --image and --drag (or --sample DIR)")
+        from regiondrag.dragfile import load_drag
+        from regiondrag.pipeline import load_image
+
+        image = load_image(args.image)
+        drag, extras = load_drag(args.drag)
+        prompt, mask, params = extras.get("prompt", ""), extras.get("mask"), extras.get("params", {})
+    if args.mask:
+        from regiondrag.dragfile import read_mask_png
+
+        mask = read_mask_png(args.mask)
+    if mask is not None:
+        mask = as_binary_mask(np.asarray(mask), image.shape[:2], "editing mask")
+    if args.prompt is not None:
+        prompt = args.prompt
+    merged = {**EDIT_DEFAULTS, **params}
+    for key in EDIT_DEFAULTS:
+        if getattr(args, key) is not None:
+            merged[key] = getattr(args, key)
+    return image, drag, prompt, mask, merged
+
+
+def cmd_edit(args) -> int:
+    import torch
+
+    from regiondrag.models import DEFAULT_MODEL
+    from regiondrag.pipeline import RegionDragPipeline
+    from regiondrag.schedule import make_schedule
+
+    image, drag, prompt, mask, params = _edit_inputs(args)
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
+        raise ValueError(f"--out {args.out!r} needs an image extension (.png, .jpg, .webp, .bmp)")
+    # Check the schedule parameters before spending time on loading the model.
+    make_schedule(params["steps"], params["start_t"], params["end_t"], True, {})
+    model = args.model or DEFAULT_MODEL
+    ip = None if str(args.ip_adapter).lower() == "none" else args.ip_adapter
+    _say(f"loading {model}" + (f" + IP-Adapter {ip}" if ip not in (None, "default") else ""))
+    t0 = time.perf_counter()
+    pipe = RegionDragPipeline.from_pretrained(model, ip_adapter=ip, device=args.device,
+                                              dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                              backend=args.backend, config=args.config)
+    _say(f"loaded in {time.perf_counter() - t0:.1f}s on {pipe.device} ({str(pipe.dtype).replace('torch.', '')})")
+    if pipe.components.random_weights:
+        _say("note: this model has RANDOM weights; its output is noise, not an edit")
+    result = pipe.edit(image, drag, prompt=prompt, mask=mask, progress=_Progress(), **params)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.image.save(out)
+    stages = ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items() if k != "total")
+    _say(f"edit {result.timings['total']:.0f} ms ({stages} ms)")
+    print(out)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import collect_info
+
+    for key, value in collect_info().items():
+        print(f"{key:<14} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m regiondrag.engine",
+                                     description="RegionDrag inference engine: region-based drag editing.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_edit_parser(sub)
+    sub.add_parser("info", help="versions, devices and cached artifacts")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    handler = {"edit": cmd_edit, "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        if os.environ.get("REGIONDRAG_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

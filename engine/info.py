@@ -1,0 +1,51 @@
+"""``info``: versions, devices, optional backends and the on-disk cache."""
+from __future__ import annotations
+
+import importlib
+import platform
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return "not installed"
+
+
+def _devices() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu (no CUDA device)"
+    names = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        names.append(f"cuda:{i} {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB)")
+    return "; ".join(names)
+
+
+def _cache_listing() -> list[str]:
+    from regiondrag.models import cache_root
+
+    root = cache_root()
+    if not root.is_dir():
+        return [f"{root} (empty)"]
+    rows = [str(root)]
+    for entry in sorted(p for p in root.glob("*/*") if p.is_dir()):
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        rows.append(f"  {entry.relative_to(root)}  {size / 2**20:.1f} MiB")
+    return rows
+
+
+def collect_info() -> dict[str, str]:
+    import regiondrag
+
+    info = {"regiondrag": regiondrag.__version__, "python": platform.python_version()}
+    for mod in ("torch", "diffusers", "transformers", "triton", "onnx", "onnxruntime", "tensorrt", "gradio"):
+        info[mod] = _version(mod)
+    info["devices"] = _devices()
+    cache = _cache_listing()
+    info["cache"] = cache[0]
+    for i, row in enumerate(cache[1:]):
+        info[f"  [{i}]"] = row.strip()
+    return info

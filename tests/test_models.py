@@ -1,0 +1,67 @@
+"""Model loading: local directories, the tiny random model, clear errors for missing weights."""
+import pytest
+import torch
+
+from helpers import TINY_IP, TINY_SD15
+from regiondrag.models import ModelLoadError, load_components
+
+
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("REGIONDRAG_CACHE", str(tmp_path / "cache"))
+
+
+def test_local_directory_with_ip_adapter():
+    c = load_components(str(TINY_SD15), ip_adapter=str(TINY_IP))
+    assert c.image_encoder is not None and c.ip_adapter_scale == 0.5
+    assert "timestep_spacing" not in c.scheduler_config  # file keys only (see _explicit_scheduler_config)
+    procs = c.unet.attn_processors
+    assert all(type(p).__name__.startswith("IPAdapter") for n, p in procs.items() if "attn2" in n)
+    assert all(p.scale == [0.5] for n, p in procs.items() if "attn2" in n)
+
+
+def test_without_ip_adapter():
+    c = load_components(str(TINY_SD15), ip_adapter=None)
+    assert c.image_encoder is None and c.ip_adapter_scale is None
+
+
+def test_tiny_is_deterministic_and_marked_random(offline, tmp_path):
+    a = load_components("tiny")
+    assert a.random_weights and a.image_encoder is not None
+    ids = a.tokenizer("a photo of a dog", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[0] == 512
+    # A second build in another cache gives identical weights (fixed seed, no download).
+    import os
+
+    os.environ["REGIONDRAG_CACHE"] = str(tmp_path / "cache2")
+    b = load_components("tiny")
+    for (na, pa), (nb, pb) in zip(a.unet.named_parameters(), b.unet.named_parameters()):
+        assert na == nb and torch.equal(pa, pb)
+    assert a.fingerprint == b.fingerprint
+
+
+@pytest.mark.parametrize("model,match", [
+    ("/no/such/dir", "neither an existing path nor a hub id"),
+    ("nobody/no-such-model-xyz", "could not load model .*'tiny'"),
+])
+def test_missing_weights_error_names_alternatives(offline, model, match):
+    with pytest.raises(ModelLoadError, match=match):
+        load_components(model, ip_adapter=None)
+
+
+def test_directory_without_model_index(offline, tmp_path):
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        load_components(str(tmp_path), ip_adapter=None)
+
+
+def test_bad_ip_adapter_directory(offline, tmp_path):
+    with pytest.raises(ModelLoadError, match="ip-adapter-plus_sd15"):
+        load_components(str(TINY_SD15), ip_adapter=str(tmp_path))
+
+
+def test_wrong_file_type(offline, tmp_path):
+    f = tmp_path / "weights.txt"
+    f.write_text("x")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_components(str(f), ip_adapter=None)
