@@ -98,6 +98,8 @@ def _edit_inputs(args):
 
         case = load_case(args.sample)
         image, drag, prompt, mask = case.image, case.drag, case.prompt, case.mask
+        # The paper's evaluation passes the original image as the 'cp_then_encode' preview.
+        params["preview"] = case.image
     else:
         if not (args.image and args.drag):
             raise ValueError("edit needs --image and --drag (or --sample DIR)")
@@ -115,7 +117,7 @@ def _edit_inputs(args):
         mask = as_binary_mask(np.asarray(mask), image.shape[:2], "editing mask")
     if args.prompt is not None:
         prompt = args.prompt
-    merged = {**EDIT_DEFAULTS, **params}
+    merged = {**EDIT_DEFAULTS, **params}  # params may also carry the sample's preview
     for key in EDIT_DEFAULTS:
         if getattr(args, key) is not None:
             merged[key] = getattr(args, key)

@@ -10,6 +10,7 @@ step loop as Python floats (exactly the float32 values), so the loop never reads
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -105,8 +106,9 @@ class Schedule:
 def make_schedule(steps: int, start_t: float, end_t: float, sde: bool, config: Mapping,
                   alphas_cumprod: torch.Tensor | None = None) -> Schedule:
     """Build the timestep lists and every step's coefficients for one edit."""
-    if not isinstance(steps, int) or steps < 2:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
         raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
+    steps = int(steps)
     if not 0.0 < start_t < 1.0:
         raise ValueError(f"start_t must lie in (0, 1), got {start_t!r}")
     if not 0.0 <= end_t <= 1.0:
@@ -124,6 +126,9 @@ def make_schedule(steps: int, start_t: float, end_t: float, sde: bool, config: M
     # QUIRK (§9b): E is a step count compared with a timestep value; with the defaults it never
     # disables copy-paste. Reproduced as is.
     copy_mask = tuple(t >= e for t in bwd_t)
+    if fwd_t[-1] + delta > len(ac) - 1:
+        raise ValueError(f"steps={steps}, start_t={start_t} inverts to level {fwd_t[-1] + delta}, beyond the "
+                         f"schedule's last level {len(ac) - 1}; use more steps or a smaller start_t")
     fwd = tuple((_sde_forward if sde else _ode_forward)(ac, t, t + delta) for t in fwd_t)
     bwd = tuple(_sample_coeffs(ac, t, t - delta, sde) for t in bwd_t)
     return Schedule(steps, start_t, end_t, sde, grid, fwd_t, bwd_t, copy_mask, fwd, bwd)

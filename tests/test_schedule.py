@@ -368,3 +368,14 @@ def test_unknown_beta_schedule_raises(sd15_config):
         alphas_cumprod_from_config(cfg)
     with pytest.raises(ValueError):
         make_schedule(20, 0.5, 0.2, True, cfg)
+
+
+@pytest.mark.parametrize("sde", [True, False])
+def test_inversion_past_level_999_raises_value_error(sd15_config, sde):
+    """steps=2 (S=1) would invert to T[1] + Δ = 500 + 500 = 1000, past ᾱ[999]."""
+    with pytest.raises(ValueError, match="beyond the schedule's last level"):
+        make_schedule(2, 0.5, 0.2, sde, sd15_config)
+
+
+def test_numpy_integer_steps_are_accepted(sd15_config):
+    assert make_schedule(np.int64(20), 0.5, 0.2, True, sd15_config).num_steps == 10
