@@ -227,18 +227,24 @@ class RegionDragPipeline:
         return hooks
 
     def _sample(self, plan: sch.Schedule, hooks, noises, start, pts, noise_scale, gen, eps, progress):
-        """§9: blur, then per step: pop hook -> copy-paste (if t >= E) -> mask blend -> sampler step."""
-        from regiondrag.kernels.region_ops import blur_ref, paste_blend_ref
+        """§9: blur, then per step: pop hook -> copy-paste (if t >= E) -> mask blend -> sampler step.
 
+        On CUDA the region operations are Triton kernels (one launch each); elsewhere their references.
+        """
+        from regiondrag.kernels import region_ops as ro
+
+        gpu = self.device.type == "cuda"
+        blur = ro.blur if gpu else ro.blur_ref
+        paste_blend = ro.paste_blend if gpu else ro.paste_blend_ref
         s = plan.num_steps
         x = hooks[-1].clone() if start is None else start.clone()
         z = torch.randn((x.shape[1], pts["n_blur"]), generator=gen, device=x.device, dtype=x.dtype)
-        blur_ref(x, pts["blur"], z[:, pts["blur_last"]], noise_scale)
+        blur(x, pts["blur"], z[:, pts["blur_last"]], noise_scale)
         for i, c in enumerate(plan.backward):
             progress("sampling", i, s)
             h = hooks[s - i]
             if plan.copy_mask[i]:
-                paste_blend_ref(x, h, pts["copy"], pts["paste"], pts["mask"])
+                paste_blend(x, h, pts["copy"], pts["paste"], pts["mask"])
             else:
                 x = torch.where(pts["mask"], x, h)
             # Backward call i replays the K/V of forward call S-1-i (§7).
