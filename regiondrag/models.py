@@ -72,10 +72,17 @@ def _not_found(what: str, name: str, exc: Exception) -> ModelLoadError:
         f"or 'tiny' for a random-weight test model")
 
 
+def _dtype_kwarg() -> str:
+    """diffusers renamed ``torch_dtype`` to ``dtype`` (the old name still works there, with a warning)."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def _load_sd_pipeline(model: str, config: str | None, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, torch_dtype=dtype)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, **{_dtype_kwarg(): dtype})
     path = Path(model).expanduser()
     try:
         if path.is_file():

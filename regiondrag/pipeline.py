@@ -3,14 +3,15 @@
 An edit runs in numbered stages (see :meth:`RegionDragPipeline.edit`):
 
 1. inputs: image, drag and editing mask to the processing size (sides multiples of 8), point lists
-2. conditioning: text and IP-Adapter image embeddings (§2)
+2. conditioning: text and IP-Adapter image tokens (§2)
 3. VAE encode with a seeded posterior sample (§3.4)
-4. inversion with K/V capture (§5, §7, §10-11)
+4. inversion, recording the self-attention keys/values of each UNet call (§5, §7, §10-11)
 5. sampling with blur, copy-paste, mask blend and K/V replay (§6, §8, §9)
 6. VAE decode and postprocess (§12)
 
-The random draws follow §13 on one generator on the edit's device, so a seed reproduces the
-reference's noise. Nothing inside the step loops reads a device value back to the host.
+The networks run through a runner (:mod:`regiondrag.runner`; the backend picks eager PyTorch or a
+compiled engine). The random draws follow §13 on one generator on the edit's device, so a seed
+reproduces the reference's noise. Nothing inside the step loops reads a device value back to the host.
 """
 from __future__ import annotations
 
@@ -23,13 +24,13 @@ import torch
 from PIL import Image
 
 from . import schedule as sch
-from .attention import install_kv_processors
 from .drags import border_points
 from .inputs import EditInputs, prepare_inputs
 from .models import DEFAULT_MODEL, Components, load_components
+from .runner import TorchRunner
 from .timing import StageTimer
 
-VAE_SCALE = 0.18215  # QUIRK-free constant of the reference: used for encode and decode (§3.4, §12)
+VAE_SCALE = 0.18215  # the reference's constant for encode and decode, not the config's (§3.4, §12)
 METHODS = ("encode_then_cp", "cp_then_encode")
 BACKENDS = ("torch",)
 Progress = Callable[[str, int, int], None]
@@ -44,14 +45,19 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
 
 
+def make_runner(backend: str, components: Components) -> TorchRunner:
+    """The runner of ``backend``: ``torch`` is eager PyTorch."""
+    if backend == "torch":
+        return TorchRunner(components)
+    raise ValueError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
+
+
 class RegionDragPipeline:
     """Region-based drag editing with Stable Diffusion 1.x (+ IP-Adapter-Plus)."""
 
     def __init__(self, components: Components, backend: str = "torch"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
         self.components, self.backend = components, backend
-        self.kv = install_kv_processors(components.unet)
+        self.runner = make_runner(backend, components)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, ip_adapter: str | None = "default",
@@ -100,32 +106,36 @@ class RegionDragPipeline:
         with timer("inputs"):
             inp = prepare_inputs(image, drag, mask, preview, need_preview=not sde)
             pts = self._point_lists(inp, sde)
+            self.runner.prepare(*inp.image.shape[:2])
         gen = torch.Generator(self.device).manual_seed(int(seed))
         # 2. conditioning
         with timer("text_encode"):
             cond = self._encode_text(prompt)
         with timer("image_encode"):
             ip = self._encode_image(inp.image)
-        eps = self._eps_fn(cond, ip, plan)
-        # 3. VAE encode (posterior samples: the first RNG draws, §13)
+        unet = self._unet_fns(cond, ip, plan)
+        # 3. VAE encode (posterior samples: the first random draws, §13)
         with timer("vae_encode"):
             z0 = self._encode_latent(inp.image, gen)
             z0_prev = self._encode_latent(inp.preview, gen) if not sde else None
-        # 4. inversion with K/V capture
+        # 4. inversion, recording K/V: ETCP over the image (SDE); CPTE over the preview (no
+        #    recording) and then over the image (recording), both ODE
+        kv: list[tuple] = []  # one entry per recorded UNet call: its 2L keys/values
         with timer("inversion"):
             if sde:
-                hooks, noises = self._invert_sde(plan, z0, gen, eps, progress)
+                hooks, noises = self._invert_sde(plan, z0, gen, unet.capture(kv), progress)
                 start = None
             else:
-                hooks = self._invert_ode(plan, z0_prev, eps, progress, capture=False)
-                start = self._invert_ode(plan, z0, eps, progress, capture=True)[-1]
+                hooks = self._invert_ode(plan, z0_prev, unet.plain, progress)
+                start = self._invert_ode(plan, z0, unet.capture(kv), progress)[-1]
                 noises = None
         # 5. sampling
         with timer("sampling"):
-            latent = self._sample(plan, hooks, noises, start, pts, noise_scale, gen, eps, progress)
+            latent = self._sample(plan, hooks, noises, start, pts, noise_scale, gen, unet.replay(kv), progress)
+        del kv, hooks
         # 6. decode + postprocess
         with timer("vae_decode"):
-            decoded = self.components.vae.decode(latent / VAE_SCALE).sample
+            decoded = self.runner.vae_decoder(latent / VAE_SCALE)
         with timer("postprocess"):
             out = inp.postprocess(decoded)
         return EditResult(image=Image.fromarray(out), latent=latent, timings=timer.finish())
@@ -160,76 +170,60 @@ class RegionDragPipeline:
 
     def _encode_text(self, prompt: str) -> torch.Tensor:
         """§2: last hidden state of the text encoder on the prompt padded/truncated to 77 tokens."""
-        c = self.components
-        ids = c.tokenizer(prompt, padding="max_length", max_length=77, truncation=True,
-                          return_tensors="pt").input_ids.to(self.device)
-        return c.text_encoder(ids)[0].to(self.dtype)
+        ids = self.components.tokenizer(prompt, padding="max_length", max_length=77, truncation=True,
+                                        return_tensors="pt").input_ids.to(self.device)
+        return self.runner.text_encoder(ids).to(self.dtype)
 
     def _encode_image(self, image: np.ndarray):
-        """§2: IP-Adapter image tokens ``stack(e_0, e_img)`` (penultimate hidden states), or None.
+        """§2: IP-Adapter tokens of ``stack(e_0, e_img)`` (penultimate hidden states), or None.
 
         QUIRK (IP tokens): both the zero-image and the real-image embeddings reach the IP branch,
-        which then attends over 32 tokens; reproduced by passing the stacked pair, as the reference.
+        which then attends over 32 tokens; reproduced by projecting the stacked pair, as the reference.
+        The projection (Resampler) runs once here instead of inside every UNet call.
         """
-        c = self.components
-        if c.image_encoder is None:
+        if self.runner.image_encoder is None:
             return None
-        pix = c.feature_extractor(image, return_tensors="pt").pixel_values.to(self.device, self.dtype)
-        e_img = c.image_encoder(pix, output_hidden_states=True).hidden_states[-2]
-        e_0 = c.image_encoder(torch.zeros_like(pix), output_hidden_states=True).hidden_states[-2]
-        return [torch.stack([e_0, e_img])]
-
-    def _eps_fn(self, cond: torch.Tensor, ip, plan: sch.Schedule) -> sch.Eps:
-        """ε(x, t): one UNet call, guidance scale 1 (§2); ``t`` a 0-d int64 tensor made before the loops."""
-        unet = self.components.unet
-        kwargs = {"added_cond_kwargs": {"image_embeds": ip}} if ip is not None else {}
-        levels = {c.t_model for c in plan.forward + plan.backward}
-        t_dev = {t: torch.tensor(t, dtype=torch.int64).to(self.device) for t in levels}
-
-        def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-            return unet(x, t_dev[t], encoder_hidden_states=cond, **kwargs).sample
-
-        return eps
+        pix = self.components.feature_extractor(image, return_tensors="pt").pixel_values
+        return self.runner.image_encoder(pix.to(self.device, self.dtype))
 
     def _encode_latent(self, image: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         """§3.4: ``z0 = 0.18215 · (mean + std · randn)`` of the VAE posterior, ``randn`` from ``gen``."""
         x = torch.from_numpy(image).permute(2, 0, 1)[None].to(self.device, torch.float32) / 255.0
-        dist = self.components.vae.encode((2 * x - 1).to(self.dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=gen, device=self.device, dtype=dist.mean.dtype)
-        return VAE_SCALE * (dist.mean + dist.std * noise)
+        mean, std = self.runner.vae_encoder((2 * x - 1).to(self.dtype))
+        noise = torch.randn(mean.shape, generator=gen, device=self.device, dtype=mean.dtype)
+        return VAE_SCALE * (mean + std * noise)
+
+    def _unet_fns(self, cond: torch.Tensor, ip, plan: sch.Schedule) -> "UNetCalls":
+        """ε(x, t) callables for one edit: guidance scale 1, one UNet call each (§2)."""
+        levels = {c.t_model for c in plan.forward + plan.backward}
+        t_dev = {t: torch.tensor([t], dtype=torch.int64).to(self.device) for t in levels}  # before the loops
+        return UNetCalls(self.runner, cond, ip, t_dev)
 
     def _invert_sde(self, plan: sch.Schedule, z0, gen, eps, progress):
-        """§5 SDE inversion over F with K/V capture; returns (hook latents (S+1), noises (S))."""
+        """§5 SDE inversion over F; returns (hook latents (S+1), noises (S))."""
         hooks, noises, x = [z0], [], z0
-        self.kv.start_capture()
         for j, c in enumerate(plan.forward):
             progress("inversion", j, plan.num_steps)
             xi = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-            self.kv.new_call()
             x, n = sch.forward_sde_step(c, x, xi, eps)
             hooks.append(x)
             noises.append(n)
-        self.kv.stop()
         return hooks, noises
 
-    def _invert_ode(self, plan: sch.Schedule, z0, eps, progress, capture: bool):
-        """§5 ODE (DDIM) inversion over F; captures K/V when ``capture``; returns the S+1 latents."""
+    def _invert_ode(self, plan: sch.Schedule, z0, eps, progress):
+        """§5 ODE (DDIM) inversion over F; returns the S+1 latents."""
         hooks, x = [z0], z0
-        if capture:
-            self.kv.start_capture()
         for j, c in enumerate(plan.forward):
             progress("inversion", j, plan.num_steps)
-            if capture:
-                self.kv.new_call()
             x = sch.forward_ode_step(c, x, eps)
             hooks.append(x)
-        self.kv.stop()
         return hooks
 
-    def _sample(self, plan: sch.Schedule, hooks, noises, start, pts, noise_scale, gen, eps, progress):
+    def _sample(self, plan: sch.Schedule, hooks, noises, start, pts, noise_scale, gen, replay, progress):
         """§9: blur, then per step: pop hook -> copy-paste (if t >= E) -> mask blend -> sampler step.
 
-        On CUDA the region operations are Triton kernels (one launch each); elsewhere their references.
+        ``replay(j)`` is ε with the keys/values of inversion call j. On CUDA the region operations are
+        Triton kernels (one launch each); elsewhere their PyTorch references.
         """
         from regiondrag.kernels import region_ops as ro
 
@@ -247,15 +241,37 @@ class RegionDragPipeline:
                 paste_blend(x, h, pts["copy"], pts["paste"], pts["mask"])
             else:
                 x = torch.where(pts["mask"], x, h)
-            # Backward call i replays the K/V of forward call S-1-i (§7).
-            self.kv.use_call(s - 1 - i)
             if noises is not None:
                 noise = noises[s - 1 - i]
             else:  # ODE: σ = 0, but the reference still draws (and discards) one randn per step (§13)
                 noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-            x = sch.sample_step(c, x, noise, eps)
-        self.kv.clear()
+            # Backward call i replays the K/V of inversion call S-1-i (§7).
+            x = sch.sample_step(c, x, noise, replay(s - 1 - i))
         return x
+
+
+class UNetCalls:
+    """The three ways an edit calls the UNet, bound to its conditioning and device timesteps."""
+
+    def __init__(self, runner: TorchRunner, cond, ip, t_dev: dict):
+        self.runner, self.cond, self.ip, self.t_dev = runner, cond, ip, t_dev
+
+    def plain(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        return self.runner.unet(x, self.t_dev[t], self.cond, self.ip)
+
+    def capture(self, kv: list) -> sch.Eps:
+        """ε that appends each call's keys/values to ``kv``."""
+        def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+            out = self.runner.unet_capture(x, self.t_dev[t], self.cond, self.ip)
+            kv.append(tuple(out[1:]))
+            return out[0]
+        return eps
+
+    def replay(self, kv: list) -> Callable[[int], sch.Eps]:
+        """``replay(kv)(j)`` is ε that uses the keys/values of recorded call ``j``."""
+        def for_call(j: int) -> sch.Eps:
+            return lambda x, t: self.runner.unet_replay(x, self.t_dev[t], self.cond, self.ip, *kv[j])
+        return for_call
 
 
 def load_image(image) -> np.ndarray:

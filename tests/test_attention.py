@@ -265,55 +265,44 @@ def test_pipeline_replays_forward_call_s_minus_1_minus_i(loaded, monkeypatch, me
     image, drag = _tiny_edit_inputs()
     steps, start_t = 10, 0.5
     plan = make_schedule(steps, start_t, 0.2, method == "encode_then_cp", comps.scheduler_config)
-    S, L = plan.num_steps, pipe.kv.num_layers
+    S, L = plan.num_steps, pipe.runner.num_layers
     assert S == 5 and L == 6
 
-    events = []  # (layer, mode, active) for every self-attention evaluation
+    events = []  # (layer, mode, data_ptr of the key used) for every self-attention evaluation
     real_call = KVReplayProcessor.__call__
 
     def recording_call(self, attn, hidden_states, *args, **kwargs):
-        events.append((self.layer, self.store.mode, self.store.active))
-        return real_call(self, attn, hidden_states, *args, **kwargs)
+        mode = self.store.mode
+        used = self.store.get(self.layer)[0].data_ptr() if mode == "replay" else None
+        out = real_call(self, attn, hidden_states, *args, **kwargs)
+        if mode == "capture":
+            used = self.store.get(self.layer)[0].data_ptr()
+        events.append((self.layer, mode, used))
+        return out
 
     monkeypatch.setattr(KVReplayProcessor, "__call__", recording_call)
-
-    use_calls = []
-    real_use_call = pipe.kv.use_call
-    monkeypatch.setattr(pipe.kv, "use_call", lambda index: (use_calls.append(index), real_use_call(index))[1])
 
     unet_t = []
     pipe.components.unet.register_forward_pre_hook(
         lambda mod, args, kw: unet_t.append(int((args[1] if len(args) > 1 else kw["timestep"]).item())),
         with_kwargs=True)
 
-    snapshot = {}
-    real_sample = pipe._sample
-
-    def sample_spy(*args, **kwargs):
-        snapshot["n_calls"] = len(pipe.kv.calls)
-        snapshot["filled"] = [[kv is not None for kv in call] for call in pipe.kv.calls]
-        snapshot["mode"] = pipe.kv.mode
-        return real_sample(*args, **kwargs)
-
-    monkeypatch.setattr(pipe, "_sample", sample_spy)
-
     pipe.edit(image, drag, method=method, steps=steps, start_t=start_t, seed=0)
 
-    # the store after the inversion: S captured calls, every layer filled, capture switched off
-    assert snapshot["n_calls"] == S
-    assert snapshot["filled"] == [[True] * L for _ in range(S)]
-    assert snapshot["mode"] == "off"
-
-    assert use_calls == list(range(S - 1, -1, -1))
-
-    capture = [(k, "capture", j) for j in range(S) for k in range(L)]
-    replay = [(k, "replay", S - 1 - i) for i in range(S) for k in range(L)]
+    calls = [events[i:i + L] for i in range(0, len(events), L)]  # one entry per UNet call
+    assert all([e[0] for e in call] == list(range(L)) for call in calls)  # layers in execution order
+    modes = [{e[1] for e in call} for call in calls]
     if method == "encode_then_cp":
-        assert events == capture + replay
+        assert modes == [{"capture"}] * S + [{"replay"}] * S
         # ε levels: SDE inversion at F[j] + Δ, sampling at B[i]
         assert unet_t == [200, 300, 400, 500, 600] + [599, 500, 400, 300, 200]
     else:
-        # CPTE: the preview inversion captures nothing; the original's inversion is captured
-        assert events == [(k, "off", -1) for _ in range(S) for k in range(L)] + capture + replay
+        # CPTE: the preview inversion records nothing; the original's inversion is recorded
+        assert modes == [{"off"}] * S + [{"capture"}] * S + [{"replay"}] * S
         assert unet_t == [100, 200, 300, 400, 500] * 2 + [599, 500, 400, 300, 200]
-    assert pipe.kv.calls == [] and pipe.kv.mode == "off"  # the store is released after the edit
+    captured = [[e[2] for e in call] for call in calls[-2 * S:-S]]
+    replayed = [[e[2] for e in call] for call in calls[-S:]]
+    # Sampling call i uses, layer by layer, exactly the keys recorded by inversion call S-1-i.
+    assert replayed == [captured[S - 1 - i] for i in range(S)]
+    assert len({p for call in captured for p in call}) == S * L  # distinct tensors were recorded
+    assert pipe.runner.store.calls == [] and pipe.runner.store.mode == "off"  # released after each call

@@ -67,26 +67,29 @@ def test_intermediates_match_reference(pipe, name):
     d = golden_case(name)
     cond = pipe._encode_text(str(d["prompt"]))
     assert (cond - torch.from_numpy(d["text_embed_cond"])).abs().max() < 1e-5
-    ip = pipe._encode_image(d["ori_image"])
-    assert (ip[0] - torch.from_numpy(d["image_embeds"])).abs().max() < 1e-5
+    ip = pipe._encode_image(d["ori_image"])  # the reference's image embeddings, projected once
+    ref_ip = pipe.runner.image_encoder.projection([torch.from_numpy(d["image_embeds"])])[0]
+    assert ip.shape == ref_ip.shape and (ip - ref_ip).abs().max() < 1e-5
     gen = torch.Generator().manual_seed(int(d["seed"]))
     z0 = pipe._encode_latent(d["ori_image"], gen)
     assert (z0 - torch.from_numpy(d["vae_latent_ori"])).abs().max() < 1e-5
     sde = str(d["method"]) == "Encode then CP"
     plan = sch.make_schedule(int(d["steps"]), float(d["start_t"]), float(d["end_t"]), sde, pipe.components.scheduler_config)
-    eps = pipe._eps_fn(cond, ip, plan)
+    unet = pipe._unet_fns(cond, ip, plan)
     noop = lambda *a: None  # noqa: E731
+    kv = []
     if sde:
-        hooks, noises = pipe._invert_sde(plan, z0, gen, eps, noop)
+        hooks, noises = pipe._invert_sde(plan, z0, gen, unet.capture(kv), noop)
         ref_noises = torch.from_numpy(d["forward0_noises"])
         assert max((n - r).abs().max().item() for n, r in zip(noises, ref_noises)) < 1e-4
     else:
         z0_prev = pipe._encode_latent(d["preview"], gen)
         assert (z0_prev - torch.from_numpy(d["vae_latent_preview"])).abs().max() < 1e-5
-        hooks = pipe._invert_ode(plan, z0_prev, eps, noop, capture=False)
-        start = pipe._invert_ode(plan, z0, eps, noop, capture=True)[-1]
+        hooks = pipe._invert_ode(plan, z0_prev, unet.plain, noop)
+        start = pipe._invert_ode(plan, z0, unet.capture(kv), noop)[-1]
         ref_start = torch.from_numpy(d["backward_start_latent_before_blur"])
         assert (start - ref_start).abs().max() < 1e-4
+    assert len(kv) == plan.num_steps and all(len(call) == 2 * pipe.runner.num_layers for call in kv)
     ref_hooks = torch.from_numpy(d["forward0_hook_latents"])
     assert len(hooks) == len(ref_hooks)
     assert max((h - r).abs().max().item() for h, r in zip(hooks, ref_hooks)) < 1e-4

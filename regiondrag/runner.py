@@ -1,0 +1,53 @@
+"""The interface between the scheduler loop and whatever executes the networks.
+
+A :class:`Runner` exposes the networks of :mod:`regiondrag.networks` as callables. The eager
+:class:`TorchRunner` here is the reference; compiled backends (``regiondrag.engine.backends``)
+subclass it and swap individual callables for compiled ones, keeping the calling convention:
+
+* ``text_encoder(ids[1x77]) -> cond``; ``image_encoder(pixels) -> ip_tokens``
+* ``vae_encoder(x) -> (mean, std)``; ``vae_decoder(z) -> image``
+* ``unet(x, t, cond, ip) -> eps``; ``unet_capture(x, t, cond, ip) -> (eps, *k, *v)``;
+  ``unet_replay(x, t, cond, ip, *k, *v) -> eps``
+
+Without an IP-Adapter, ``ip`` is None and ``image_encoder`` is None.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import install_kv_processors
+from .models import Components
+from .networks import ImageEncoder, TextEncoder, UNetKV, VAEDecoder, VAEEncoder, split_ip_projection
+
+NETWORKS = ("text_encoder", "image_encoder", "vae_encoder", "vae_decoder", "unet", "unet_capture", "unet_replay")
+
+
+class TorchRunner:
+    """Eager PyTorch execution of every network (the ``torch`` backend)."""
+
+    name = "torch"
+
+    def __init__(self, components: Components):
+        c = self.components = components
+        self.store = install_kv_processors(c.unet)
+        self.num_layers = self.store.num_layers
+        self.unet = UNetKV(c.unet, "plain", self.store)
+        self.unet_capture = UNetKV(c.unet, "capture", self.store)
+        self.unet_replay = UNetKV(c.unet, "replay", self.store)
+        projection = split_ip_projection(c.unet)
+        self.image_encoder = (ImageEncoder(c.image_encoder, projection)
+                              if c.image_encoder is not None and projection is not None else None)
+        self.vae_encoder = VAEEncoder(c.vae)
+        self.vae_decoder = VAEDecoder(c.vae)
+        self.text_encoder = TextEncoder(c.text_encoder)
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.components.dtype
+
+    def prepare(self, height: int, width: int) -> None:
+        """Called before an edit at ``height x width`` pixels (compiled backends build or load here)."""
