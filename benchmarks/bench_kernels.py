@@ -90,7 +90,9 @@ def main(argv=None) -> int:
               f"{r['speedup']:.1f}x | {r['triton_gbs']:.1f} |")
     import bench_attention
 
-    attention = bench_attention.run(args.runs) if hasattr(bench_attention, "run") else None
+    attention = [bench_attention.bench_shape(n, c, 1, args.runs, 10) for n, c in bench_attention.SHAPES]
+    print("\n# Replay attention (fp16, 8 heads)\n")
+    print(bench_attention.markdown(attention, bench_attention.matmul_ceiling_tflops(args.runs, 10)))
     out = Path(args.out or f"benchmarks/results/kernels-{gpu.replace(' ', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(device=gpu, versions=dict(torch=torch.__version__, triton=triton.__version__),

@@ -82,9 +82,10 @@ class KVReplayProcessor:
     ``out = softmax(Q_cur K_origᵀ / √d) V_orig`` per head, then ``to_out``.
     """
 
-    def __init__(self, store: KVStore, layer: int, attention_fn=None):
+    def __init__(self, store: KVStore, layer: int, replay_attention_fn=None):
         self.store, self.layer = store, layer
-        self.attention_fn = attention_fn or F.scaled_dot_product_attention
+        # Attention over replayed keys/values; on CUDA the runner may pick the Triton kernel per shape.
+        self.replay_attention_fn = replay_attention_fn or F.scaled_dot_product_attention
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
@@ -120,8 +121,10 @@ class KVReplayProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if attention_mask is None:
-            hidden_states = self.attention_fn(query, key, value)
+        if attention_mask is None and mode == "replay":
+            hidden_states = self.replay_attention_fn(query, key, value)
+        elif attention_mask is None:
+            hidden_states = F.scaled_dot_product_attention(query, key, value)
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
@@ -133,7 +136,7 @@ class KVReplayProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-def install_kv_processors(unet: torch.nn.Module, attention_fn=None) -> KVStore:
+def install_kv_processors(unet: torch.nn.Module, replay_attention_fn=None) -> KVStore:
     """Install a :class:`KVReplayProcessor` on every ``attn1`` of ``unet``; return their shared store.
 
     Cross-attention processors (``attn2``, incl. IP-Adapter's) are left as they are.
@@ -144,5 +147,5 @@ def install_kv_processors(unet: torch.nn.Module, attention_fn=None) -> KVStore:
     store = KVStore(len(names))
     modules = dict(unet.named_modules())
     for i, name in enumerate(names):
-        modules[name].set_processor(KVReplayProcessor(store, i, attention_fn))
+        modules[name].set_processor(KVReplayProcessor(store, i, replay_attention_fn))
     return store

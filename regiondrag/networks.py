@@ -42,7 +42,7 @@ def split_ip_projection(unet: nn.Module) -> nn.Module | None:
 class UNetKV(nn.Module):
     """ε(x, t) with K/V capture or replay (ALGORITHM.md §7) as explicit tensors.
 
-    ``mode="plain"``: ``eps = f(latent, t, text[, ip])``.
+    ``mode="plain"``: ``eps = f(latent, t, text[, ip_tokens])`` (ip_tokens only with an IP-Adapter).
     ``mode="capture"``: returns ``(eps, k_1..k_L, v_1..v_L)`` (layers in execution order).
     ``mode="replay"``: takes ``k_1..k_L, v_1..v_L`` after the regular inputs and uses them in place
     of the self-attention keys/values (their projections are not computed).
@@ -61,7 +61,9 @@ class UNetKV(nn.Module):
     def num_layers(self) -> int:
         return self.store.num_layers
 
-    def forward(self, latent, timestep, text, ip_tokens=None, *kv):
+    def forward(self, latent, timestep, text, *rest):
+        """``rest`` = ``[ip_tokens] + [k_1..k_L, v_1..v_L in replay mode]`` (ip_tokens only with an IP-Adapter)."""
+        ip_tokens, kv = (rest[0], rest[1:]) if self.has_ip else (None, rest)
         store, n = self.store, self.store.num_layers
         if self.mode == "capture":
             store.start_capture()

@@ -32,7 +32,7 @@ from .timing import StageTimer
 
 VAE_SCALE = 0.18215  # the reference's constant for encode and decode, not the config's (§3.4, §12)
 METHODS = ("encode_then_cp", "cp_then_encode")
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")  # see regiondrag.engine.backends
 Progress = Callable[[str, int, int], None]
 
 
@@ -45,33 +45,44 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
 
 
-def make_runner(backend: str, components: Components) -> TorchRunner:
-    """The runner of ``backend``: ``torch`` is eager PyTorch."""
+def make_runner(backend: str, components: Components, cache_dir=None, progress=None) -> TorchRunner:
+    """The runner of ``backend``: ``torch`` is eager PyTorch; the others run compiled artifacts that
+    are built on first use and cached under ``cache_dir`` (default ``$REGIONDRAG_CACHE/engines``)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
     if backend == "torch":
         return TorchRunner(components)
-    raise ValueError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
+    from regiondrag.engine.backends import make_runner as make_compiled
+    from regiondrag.engine.cache import ArtifactCache
+
+    return make_compiled(backend, components, cache=ArtifactCache(cache_dir), progress=progress)
 
 
 class RegionDragPipeline:
     """Region-based drag editing with Stable Diffusion 1.x (+ IP-Adapter-Plus)."""
 
-    def __init__(self, components: Components, backend: str = "torch"):
+    def __init__(self, components: Components, backend: str = "torch", cache_dir=None,
+                 build_progress: Callable[[str], None] | None = None):
         self.components, self.backend = components, backend
-        self.runner = make_runner(backend, components)
+        self.runner = make_runner(backend, components, cache_dir, build_progress)
 
     @classmethod
     def from_pretrained(cls, model: str = DEFAULT_MODEL, ip_adapter: str | None = "default",
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        backend: str = "torch", config: str | None = None) -> "RegionDragPipeline":
+                        backend: str = "torch", config: str | None = None, cache_dir=None,
+                        build_progress: Callable[[str], None] | None = None) -> "RegionDragPipeline":
         """Load ``model`` (hub id, local diffusers dir, ``.safetensors`` file or ``"tiny"``).
 
         ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA, float32 elsewhere.
+        ``backend``: torch | compiled | onnxruntime | tensorrt (compiled ones build on first use, with
+        ``build_progress(message)`` told about each network; artifacts cached in ``cache_dir``).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        return cls(load_components(model, ip_adapter, device, dtype, config=config), backend)
+        return cls(load_components(model, ip_adapter, device, dtype, config=config), backend, cache_dir,
+                   build_progress)
 
     @property
     def device(self) -> torch.device:
@@ -254,15 +265,16 @@ class UNetCalls:
     """The three ways an edit calls the UNet, bound to its conditioning and device timesteps."""
 
     def __init__(self, runner: TorchRunner, cond, ip, t_dev: dict):
-        self.runner, self.cond, self.ip, self.t_dev = runner, cond, ip, t_dev
+        self.runner, self.t_dev = runner, t_dev
+        self.cond = (cond,) if ip is None else (cond, ip)  # the UNet takes ip_tokens only with an IP-Adapter
 
     def plain(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        return self.runner.unet(x, self.t_dev[t], self.cond, self.ip)
+        return self.runner.unet(x, self.t_dev[t], *self.cond)
 
     def capture(self, kv: list) -> sch.Eps:
         """ε that appends each call's keys/values to ``kv``."""
         def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-            out = self.runner.unet_capture(x, self.t_dev[t], self.cond, self.ip)
+            out = self.runner.unet_capture(x, self.t_dev[t], *self.cond)
             kv.append(tuple(out[1:]))
             return out[0]
         return eps
@@ -270,7 +282,7 @@ class UNetCalls:
     def replay(self, kv: list) -> Callable[[int], sch.Eps]:
         """``replay(kv)(j)`` is ε that uses the keys/values of recorded call ``j``."""
         def for_call(j: int) -> sch.Eps:
-            return lambda x, t: self.runner.unet_replay(x, self.t_dev[t], self.cond, self.ip, *kv[j])
+            return lambda x, t: self.runner.unet_replay(x, self.t_dev[t], *self.cond, *kv[j])
         return for_call
 
 

@@ -6,16 +6,16 @@ subclass it and swap individual callables for compiled ones, keeping the calling
 
 * ``text_encoder(ids[1x77]) -> cond``; ``image_encoder(pixels) -> ip_tokens``
 * ``vae_encoder(x) -> (mean, std)``; ``vae_decoder(z) -> image``
-* ``unet(x, t, cond, ip) -> eps``; ``unet_capture(x, t, cond, ip) -> (eps, *k, *v)``;
-  ``unet_replay(x, t, cond, ip, *k, *v) -> eps``
+* ``unet(x, t, cond[, ip]) -> eps``; ``unet_capture(x, t, cond[, ip]) -> (eps, *k, *v)``;
+  ``unet_replay(x, t, cond[, ip], *k, *v) -> eps``
 
-Without an IP-Adapter, ``ip`` is None and ``image_encoder`` is None.
+``ip`` (the IP-Adapter tokens) is passed only with an IP-Adapter; without one ``image_encoder`` is None.
 """
 from __future__ import annotations
 
 import torch
 
-from .attention import install_kv_processors
+from .attention import install_kv_processors, self_attention_layers
 from .models import Components
 from .networks import ImageEncoder, TextEncoder, UNetKV, VAEDecoder, VAEEncoder, split_ip_projection
 
@@ -29,7 +29,7 @@ class TorchRunner:
 
     def __init__(self, components: Components):
         c = self.components = components
-        self.store = install_kv_processors(c.unet)
+        self.store = install_kv_processors(c.unet, _replay_attention_for(c.device))
         self.num_layers = self.store.num_layers
         self.unet = UNetKV(c.unet, "plain", self.store)
         self.unet_capture = UNetKV(c.unet, "capture", self.store)
@@ -50,4 +50,26 @@ class TorchRunner:
         return self.components.dtype
 
     def prepare(self, height: int, width: int) -> None:
-        """Called before an edit at ``height x width`` pixels (compiled backends build or load here)."""
+        """Called before an edit at ``height x width`` pixels (compiled backends build or load here).
+
+        On CUDA it picks, once per shape, the faster of the Triton replay-attention kernel and SDPA.
+        """
+        if self.device.type == "cuda":
+            from regiondrag.export.specs import kv_shapes
+            from regiondrag.kernels.attention import select_attention
+
+            modules = dict(self.components.unet.named_modules())
+            for name, (tokens, channels) in zip(self_attention_layers(self.components.unet),
+                                                kv_shapes(self.components.unet, height, width)):
+                heads = modules[name].heads
+                shape = (1, heads, tokens, channels // heads)
+                select_attention(shape, shape, self.dtype, self.device)
+
+
+def _replay_attention_for(device: torch.device):
+    """Replay attention: the per-shape choice between Triton and SDPA on CUDA, SDPA elsewhere."""
+    if torch.device(device).type != "cuda":
+        return None
+    from regiondrag.kernels.attention import selected_attention
+
+    return selected_attention

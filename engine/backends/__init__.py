@@ -1,0 +1,39 @@
+"""Execution backends: each is a :class:`regiondrag.runner.TorchRunner` whose networks run compiled.
+
+=============  =====================================================  ==============================
+backend        runs                                                   needs
+=============  =====================================================  ==============================
+torch          eager PyTorch (the reference)                          —
+compiled       AOTInductor packages built once and cached (+ CUDA      a C++ compiler (CPU) or CUDA
+               graphs on CUDA)
+onnxruntime    ONNX graphs in ONNX Runtime (CPU / CUDA providers),    ``pip install regiondrag[onnx]``
+               I/O bound to torch tensors
+tensorrt       TensorRT engines, fp16, one static profile per          TensorRT 10 from NVIDIA's index,
+               resolution                                             a CUDA GPU
+=============  =====================================================  ==============================
+"""
+from __future__ import annotations
+
+from regiondrag.models import Components
+from regiondrag.runner import TorchRunner
+
+BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
+
+
+def make_runner(backend: str, components: Components, cache=None, progress=None) -> TorchRunner:
+    """The runner of ``backend`` for ``components`` (artifacts in ``cache``, an ArtifactCache)."""
+    if backend == "torch":
+        return TorchRunner(components)
+    if backend == "compiled":
+        from .compiled import CompiledRunner
+
+        return CompiledRunner(components, cache=cache, progress=progress)
+    if backend == "onnxruntime":
+        from .onnxruntime import OrtRunner
+
+        return OrtRunner(components, cache=cache, progress=progress)
+    if backend == "tensorrt":
+        from .tensorrt import TensorRTRunner
+
+        return TensorRTRunner(components, cache=cache, progress=progress)
+    raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")

@@ -1,0 +1,123 @@
+"""ONNX Runtime backend: the exported graphs run in ONNX Runtime, with I/O bound to torch tensors.
+
+Providers: CUDA (``onnxruntime-gpu``, on the torch stream) when the model is on a CUDA device, else
+CPU. Inputs are bound by address (no copies); outputs go into torch tensors allocated once per
+network and shape and reused. ``unet_capture``'s keys/values are written into a pool of per-call
+slots, so a whole edit allocates nothing after its first call at a given resolution.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from regiondrag.export.onnx import export_onnx
+
+from .base import CompiledRunnerBase
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+_ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(int64)": torch.int64,
+              "tensor(bfloat16)": torch.bfloat16}
+
+
+def _require_ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise RuntimeError("the onnxruntime backend needs ONNX Runtime: pip install 'regiondrag[onnx]' "
+                           "(or onnxruntime-gpu for CUDA)") from exc
+    return onnxruntime
+
+
+class OrtNetwork:
+    """One ONNX Runtime session called like the eager network (tensors in, tensor or tuple out)."""
+
+    def __init__(self, path: Path, device: torch.device, input_names, pool_slots: int = 0,
+                 reuse_outputs: bool = False):
+        ort = _require_ort()
+        self.device = device
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if device.type == "cuda":
+            stream = torch.cuda.current_stream(device).cuda_stream
+            providers = [("CUDAExecutionProvider", {"device_id": device.index or 0,
+                                                    "user_compute_stream": str(stream)})]
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise RuntimeError("the onnxruntime backend on CUDA needs onnxruntime-gpu "
+                                   "(pip install onnxruntime-gpu)")
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.inputs = list(input_names)
+        graph_inputs = {i.name for i in self.session.get_inputs()}
+        if graph_inputs != set(self.inputs):
+            raise RuntimeError(f"{path.name}: graph inputs {sorted(graph_inputs)} differ from the spec's {self.inputs}")
+        self.outputs = [(o.name, tuple(o.shape), _ORT_TYPES[o.type]) for o in self.session.get_outputs()]
+        self.binding = self.session.io_binding()
+        self._out = self._alloc()
+        self.pool_slots, self._pool, self._next = pool_slots, [], 0
+        self.reuse_outputs = reuse_outputs
+
+    def _alloc(self) -> list[torch.Tensor]:
+        return [torch.empty(shape, dtype=dt, device=self.device) for _, shape, dt in self.outputs]
+
+    def reset_pool(self) -> None:
+        """Start filling K/V slots from the first one again (called once per edit)."""
+        self._next = 0
+
+    def _targets(self) -> list[torch.Tensor]:
+        if not self.pool_slots:
+            return self._out
+        if self._next == len(self._pool):  # grow the pool up to the number of calls per edit
+            self._pool.append(self._alloc())
+        out = self._pool[self._next]
+        self._next += 1
+        return out
+
+    def __call__(self, *args: torch.Tensor):
+        b, dev = self.binding, self.device
+        kind, index = dev.type, dev.index or 0
+        args = [a.contiguous() for a in args]
+        for name, t in zip(self.inputs, args):
+            b.bind_input(name, kind, index, _NP.get(t.dtype, np.float32), tuple(t.shape), t.data_ptr())
+        outs = self._targets()
+        for (name, shape, _), t in zip(self.outputs, outs):
+            b.bind_output(name, kind, index, _NP.get(t.dtype, np.float32), shape, t.data_ptr())
+        self.session.run_with_iobinding(b)
+        if not (self.pool_slots or self.reuse_outputs):
+            outs = [o.clone() for o in outs]  # the buffers are reused by the next call
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+# Networks whose outputs the pipeline consumes before calling the same network again: their output
+# buffers are handed out directly and overwritten by the next call (no allocation per step).
+REUSED_OUTPUTS = ("unet", "unet_replay", "vae_encoder", "vae_decoder")
+
+
+class OrtRunner(CompiledRunnerBase):
+    """Every network of the edit through ONNX Runtime (see module docstring)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, components, cache=None, precision=None, progress=None):
+        _require_ort()
+        super().__init__(components, cache, precision, progress)
+
+    def versions(self) -> dict:
+        import onnx
+
+        return {"onnxruntime": _require_ort().__version__, "onnx": onnx.__version__, "torch": torch.__version__}
+
+    def build(self, network, spec, out_dir: Path) -> None:
+        export_onnx(self, spec, out_dir / f"{network}.onnx")
+
+    def load(self, network, spec, art_dir: Path):
+        return OrtNetwork(art_dir / f"{network}.onnx", self.device, spec.input_names,
+                          pool_slots=int(network == "unet_capture"),
+                          reuse_outputs=network in REUSED_OUTPUTS)
+
+    def prepare(self, height: int, width: int) -> None:
+        super().prepare(height, width)
+        if isinstance(self.unet_capture, OrtNetwork):
+            self.unet_capture.reset_pool()
