@@ -25,15 +25,19 @@ def _devices() -> str:
 
 
 def _cache_listing() -> list[str]:
+    from regiondrag.engine.cache import ArtifactCache
     from regiondrag.models import cache_root
 
     root = cache_root()
-    if not root.is_dir():
-        return [f"{root} (empty)"]
     rows = [str(root)]
-    for entry in sorted(p for p in root.glob("*/*") if p.is_dir()):
+    models = root / "models"
+    for entry in sorted(models.glob("*")) if models.is_dir() else []:
         size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
-        rows.append(f"  {entry.relative_to(root)}  {size / 2**20:.1f} MiB")
+        rows.append(f"model {entry.name}  {size / 2**20:.1f} MiB")
+    for m in ArtifactCache().entries():
+        meta = m.get("meta", {})
+        rows.append(f"{meta.get('backend', '?')} {meta.get('network', '?')} {meta.get('height')}x{meta.get('width')} "
+                    f"{meta.get('precision', '')} {meta.get('model', '')}  {m['bytes'] / 2**20:.1f} MiB  {m['path']}")
     return rows
 
 

@@ -40,6 +40,10 @@ class TorchRunner:
         self.vae_encoder = VAEEncoder(c.vae)
         self.vae_decoder = VAEDecoder(c.vae)
         self.text_encoder = TextEncoder(c.text_encoder)
+        for net in (self.unet, self.unet_capture, self.unet_replay, self.image_encoder, self.vae_encoder,
+                    self.vae_decoder, self.text_encoder):
+            if net is not None:
+                net.eval()
 
     @property
     def device(self) -> torch.device:
