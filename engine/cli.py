@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+BACKEND_CHOICES = ("torch", "compiled", "onnxruntime", "tensorrt")
 DTYPES = ("float16", "bfloat16", "float32")
 # Library defaults (ALGORITHM.md §15, the paper's evaluation settings); a drag JSON's "params"
 # override them and command-line options override both.
@@ -40,9 +41,12 @@ class _Progress:
 
 def _quiet_libraries() -> None:
     """diffusers/transformers print progress bars and warnings the CLI replaces with its own lines."""
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore")
+    for name in ("torch.onnx", "torch._dynamo", "torch._inductor", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
@@ -73,7 +77,9 @@ def _add_edit_parser(sub) -> None:
                    "(default: h94/IP-Adapter; the tiny adapter with --model tiny)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
-    p.add_argument("--backend", default="torch", help="inference backend (default: torch)")
+    p.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
+                   help="torch (eager) or a compiled backend, built on first use and cached (default: torch)")
+    p.add_argument("--cache-dir", help="cache root (default: $REGIONDRAG_CACHE or ~/.cache/regiondrag)")
     p.add_argument("--method", choices=("encode_then_cp", "cp_then_encode"),
                    help=f"default {EDIT_DEFAULTS['method']}: SDE inversion then copy-paste (the paper's "
                    "main method); cp_then_encode: pixel copy-paste then ODE inversion")
@@ -138,12 +144,14 @@ def cmd_edit(args) -> int:
     # Check the schedule parameters before spending time on loading the model.
     make_schedule(params["steps"], params["start_t"], params["end_t"], True, {})
     model = args.model or DEFAULT_MODEL
-    ip = None if str(args.ip_adapter).lower() == "none" else args.ip_adapter
+    ip = _ip_arg(args)
     _say(f"loading {model}" + (f" + IP-Adapter {ip}" if ip not in (None, "default") else ""))
     t0 = time.perf_counter()
     pipe = RegionDragPipeline.from_pretrained(model, ip_adapter=ip, device=args.device,
                                               dtype=getattr(torch, args.dtype) if args.dtype else None,
-                                              backend=args.backend, config=args.config)
+                                              backend=args.backend, config=args.config, build_progress=_say)
+    if args.backend != "torch":
+        _say(f"backend {args.backend}: artifacts missing from the cache are built now (see `build`)")
     _say(f"loaded in {time.perf_counter() - t0:.1f}s on {pipe.device} ({str(pipe.dtype).replace('torch.', '')})")
     if pipe.components.random_weights:
         _say("note: this model has RANDOM weights; its output is noise, not an edit")
@@ -156,6 +164,43 @@ def cmd_edit(args) -> int:
     return 0
 
 
+def _add_build_parser(sub) -> None:
+    p = sub.add_parser("build", help="compile a model's networks for a backend and resolution",
+                       description="Export/compile every network once and cache the artifacts; later edits "
+                       "with --backend load them without rebuilding.")
+    p.add_argument("--model", default=None, help="as for edit (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    p.add_argument("--config", help="for a single-file checkpoint: a diffusers dir or hub id with its configs")
+    p.add_argument("--ip-adapter", default="default", help="as for edit")
+    p.add_argument("--backend", required=True, choices=BACKEND_CHOICES[1:])
+    p.add_argument("--height", type=int, default=512, help="image height in pixels (default 512)")
+    p.add_argument("--width", type=int, default=512, help="image width in pixels (default 512)")
+    p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--cache-dir", help="cache root (default: $REGIONDRAG_CACHE or ~/.cache/regiondrag)")
+
+
+def cmd_build(args) -> int:
+    from regiondrag.models import DEFAULT_MODEL
+
+    from .build import build_artifacts
+
+    model = args.model or DEFAULT_MODEL
+    _say(f"building {args.backend} artifacts for {model} at {args.height}x{args.width}")
+    t0 = time.perf_counter()
+    rows = build_artifacts(model, args.backend, args.height, args.width, args.precision, _ip_arg(args),
+                           args.device, args.config, progress=_say)
+    print(f"{'network':<14} {'status':<7} {'MiB':>8} {'seconds':>8}  path")
+    for r in rows:
+        print(f"{r['network']:<14} {'cached' if r['hit'] else 'built':<7} {r['bytes'] / 2**20:>8.1f} "
+              f"{r['seconds']:>8.1f}  {r['path']}")
+    _say(f"done in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _ip_arg(args):
+    return None if str(args.ip_adapter).lower() == "none" else args.ip_adapter
+
+
 def cmd_info(args) -> int:
     from .info import collect_info
 
@@ -164,22 +209,44 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _add_ui_parser(sub) -> None:
+    p = sub.add_parser("ui", help="start the local web UI",
+                       description="Serve the drag-editing web page; the model loads once at start-up.")
+    p.add_argument("--model", default=None, help="hub id, local diffusers dir, .safetensors file, or 'tiny' "
+                   "(random weights, for a quick look) (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    p.add_argument("--ip-adapter", default="default", help="as for edit (default: h94/IP-Adapter)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--backend", default="torch", help="inference backend (default: torch)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+
+
+def cmd_ui(args) -> int:
+    from .ui import run_ui  # imports gradio lazily; without it the error says how to install it
+
+    return run_ui(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m regiondrag.engine",
                                      description="RegionDrag inference engine: region-based drag editing.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_edit_parser(sub)
+    _add_build_parser(sub)
     sub.add_parser("info", help="versions, devices and cached artifacts")
+    _add_ui_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    handler = {"edit": cmd_edit, "info": cmd_info}[args.command]
+    handler = {"edit": cmd_edit, "build": cmd_build, "info": cmd_info, "ui": cmd_ui}[args.command]
+    if getattr(args, "cache_dir", None):
+        os.environ["REGIONDRAG_CACHE"] = str(Path(args.cache_dir).expanduser().resolve())
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError) as exc:
         if os.environ.get("REGIONDRAG_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -77,3 +77,28 @@ def test_info(env):
     r = run(env, "info")
     assert r.returncode == 0
     assert "torch" in r.stdout and "devices" in r.stdout and "cache" in r.stdout
+
+
+def test_build_then_edit_with_onnxruntime(env, tmp_path):
+    """`build` caches the artifacts; `edit --backend onnxruntime` loads them without rebuilding."""
+    pytest.importorskip("onnxruntime")
+    from regiondrag.dragfile import save_drag
+    from regiondrag.drags import RegionPairs
+
+    img = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "img.png")
+    src = np.zeros((128, 128), np.uint8)
+    src[16:48, 16:48] = 1
+    drag_json = save_drag(RegionPairs([src], [np.roll(src, 40, axis=1)]), tmp_path / "drag.json")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    r = run(env, "build", "--model", "tiny", "--backend", "onnxruntime", "--height", "128", "--width", "128", *cache)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("built") == 7 and "unet_replay" in r.stdout
+    r = run(env, "build", "--model", "tiny", "--backend", "onnxruntime", "--height", "128", "--width", "128", *cache)
+    assert r.returncode == 0 and r.stdout.count("cached") == 7
+    out = tmp_path / "o.png"
+    r = run(env, "edit", "--image", str(tmp_path / "img.png"), "--drag", str(drag_json), "--out", str(out),
+            "--model", "tiny", "--backend", "onnxruntime", "--steps", "10", *cache)
+    assert r.returncode == 0, r.stderr
+    assert "building" not in r.stderr  # every artifact came from the cache
+    assert Image.open(out).size == (128, 128)
