@@ -32,11 +32,11 @@ setup(
         "opencv-python-headless",
     ],
     extras_require={
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
-        "trt": ["onnx>=1.16", "tensorrt>=10"],
+        "onnx": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
+        "trt": ["onnx>=1.16", "onnxscript>=0.5", "tensorrt>=10"],
         "ui": ["gradio>=4"],
         "eval": ["scipy", "lpips"],
-        "test": ["pytest>=8", "triton"],
+        "test": ["pytest>=8", "triton", "onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
     },
     entry_points={"console_scripts": ["regiondrag=regiondrag.engine.__main__:main"]},
 )
