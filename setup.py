@@ -34,9 +34,10 @@ setup(
     extras_require={
         "onnx": ["onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
         "trt": ["onnx>=1.16", "onnxscript>=0.5", "tensorrt>=10"],
-        "ui": ["gradio>=4"],
+        "ui": ["gradio>=6,<7"],  # engine/ui.py uses gradio 6 APIs (launch css, Image buttons, gr.skip)
         "eval": ["scipy", "lpips"],
-        "test": ["pytest>=8", "triton", "onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18"],
+        "bench": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "triton", "onnx>=1.16", "onnxscript>=0.5", "onnxruntime>=1.18", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["regiondrag=regiondrag.engine.__main__:main"]},
 )

@@ -1,6 +1,7 @@
 """``python -m regiondrag.engine``: a thin command line over the library.
 
-Commands: ``edit`` (one edit from an image + drag JSON, or a DragBench case) and ``info``
+Commands: ``edit`` (one edit from an image + drag JSON, or a DragBench case), ``build`` (compile a
+model for a backend and resolution), ``bench`` (latency suite), ``ui`` (web UI) and ``info``
 (versions, devices, cache). Set ``REGIONDRAG_DEBUG=1`` for tracebacks. Progress goes to stderr; errors print one line and exit non-zero.
 """
 from __future__ import annotations
@@ -227,6 +228,12 @@ def cmd_ui(args) -> int:
     return run_ui(args)
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_from_args  # the benchmark's logic; benchmarks/bench_pipeline.py runs the same
+
+    return run_from_args(args, say=_say)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m regiondrag.engine",
                                      description="RegionDrag inference engine: region-based drag editing.")
@@ -235,13 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_parser(sub)
     sub.add_parser("info", help="versions, devices and cached artifacts")
     _add_ui_parser(sub)
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    handler = {"edit": cmd_edit, "build": cmd_build, "info": cmd_info, "ui": cmd_ui}[args.command]
+    handler = {"edit": cmd_edit, "build": cmd_build, "info": cmd_info, "ui": cmd_ui,
+               "bench": cmd_bench}[args.command]
     if getattr(args, "cache_dir", None):
         os.environ["REGIONDRAG_CACHE"] = str(Path(args.cache_dir).expanduser().resolve())
     try:

@@ -6,7 +6,10 @@
 * a local diffusers directory (``model_index.json`` inside);
 * a single ``.safetensors`` / ``.ckpt`` checkpoint (``StableDiffusionPipeline.from_single_file``);
 * ``"tiny"``: a small random-weight SD-1.5-architecture model with a tiny IP-Adapter, written once
-  from configs with a fixed seed (see :mod:`regiondrag.tiny`) and then loaded like any local directory.
+  from configs with a fixed seed (see :mod:`regiondrag.tiny`) and then loaded like any local directory;
+* ``"random-sd15"``: the full-size SD-1.5 architecture (+ CLIP ViT-H/14 and IP-Adapter-Plus) with random
+  weights and a fixed seed, built in memory (:func:`regiondrag.tiny.random_sd15_pipeline`): the real
+  model's cost without its weights, for benchmarks.
 
 ``ip_adapter`` is a hub id laid out like ``h94/IP-Adapter`` (``models/ip-adapter-plus_sd15.*`` and
 ``models/image_encoder/``), a local directory with that layout, ``None`` (no IP-Adapter) or
@@ -27,6 +30,7 @@ import torch
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_IP_ADAPTER = "h94/IP-Adapter"
 IP_ADAPTER_SCALE = 0.5
+RANDOM_SD15 = "random-sd15"  # see regiondrag.tiny.random_sd15_pipeline
 IP_WEIGHT_NAMES = ("ip-adapter-plus_sd15.safetensors", "ip-adapter-plus_sd15.bin")
 
 
@@ -116,11 +120,15 @@ def _attach_ip_adapter(pipe, ip_adapter: str) -> None:
             raise ModelLoadError(f"IP-Adapter directory {ip_adapter!r} must hold models/ip-adapter-plus_sd15"
                                  f".safetensors (or .bin) and models/image_encoder/, like h94/IP-Adapter")
         weight, ip_adapter = found[0], str(path)
-    try:
-        pipe.load_ip_adapter(ip_adapter, subfolder="models", weight_name=weight,
-                             image_encoder_folder="image_encoder")
-    except (OSError, ValueError, EnvironmentError) as exc:
-        raise _not_found("IP-Adapter", ip_adapter, exc) from exc
+    # A hub repository may hold either file (h94/IP-Adapter: the reference loads the .bin); try both.
+    names = [weight] if path.is_dir() else list(IP_WEIGHT_NAMES)
+    for i, name in enumerate(names):
+        try:
+            pipe.load_ip_adapter(ip_adapter, subfolder="models", weight_name=name, image_encoder_folder="image_encoder")
+            break
+        except (OSError, ValueError, EnvironmentError) as exc:
+            if i == len(names) - 1:
+                raise _not_found("IP-Adapter", ip_adapter, exc) from exc
     pipe.set_ip_adapter_scale(IP_ADAPTER_SCALE)
 
 
@@ -160,8 +168,9 @@ def load_components(model: str = DEFAULT_MODEL, ip_adapter: str | None = "defaul
     Raises :class:`ModelLoadError` (a ``ValueError``) with a one-sentence message when the weights
     cannot be found or fetched.
     """
-    random_weights = model == "tiny"
-    if random_weights:
+    random_weights = model in ("tiny", RANDOM_SD15)
+    builtin_ip = model == RANDOM_SD15 and ip_adapter == "default"  # its random adapter is built with it
+    if model == "tiny":
         from .tiny import tiny_model_dir
 
         root = tiny_model_dir()
@@ -172,9 +181,16 @@ def load_components(model: str = DEFAULT_MODEL, ip_adapter: str | None = "defaul
         model_path = model
         if ip_adapter == "default":
             ip_adapter = DEFAULT_IP_ADAPTER
-    pipe = _load_sd_pipeline(model_path, config, dtype)
+    if model == RANDOM_SD15:
+        from .tiny import random_sd15_pipeline
+
+        pipe = random_sd15_pipeline(dtype, ip_adapter=builtin_ip)
+    else:
+        pipe = _load_sd_pipeline(model_path, config, dtype)
     random_weights = random_weights or (Path(model_path) / "REGIONDRAG_RANDOM_WEIGHTS").is_file()
-    if ip_adapter is not None:
+    if builtin_ip:
+        pipe.set_ip_adapter_scale(IP_ADAPTER_SCALE)
+    elif ip_adapter is not None:
         _attach_ip_adapter(pipe, ip_adapter)
     pipe.to(device)
     for net in (pipe.vae, pipe.unet, pipe.text_encoder, pipe.image_encoder):

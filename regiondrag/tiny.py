@@ -4,6 +4,10 @@ The model is written once, with a fixed seed, as a diffusers directory (plus an 
 laid out like ``h94/IP-Adapter``) under the cache, then loaded by the same code as any local model.
 Its tokenizer is a byte-level CLIP BPE with no merges (every character is a token), so nothing is
 downloaded. Its output is noise: it exists for smoke runs and tests, never as an edit result.
+
+``model="random-sd15"`` (:func:`random_sd15_pipeline`) is the FULL-SIZE SD-1.5 architecture (+ CLIP
+ViT-H/14 and IP-Adapter-Plus) with random weights, built in memory with a fixed seed: it costs what the
+real model costs, for benchmarks on machines without the weights. Its output is noise too.
 """
 from __future__ import annotations
 
@@ -82,9 +86,13 @@ def _write_tokenizer(out: Path) -> None:
         "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
 
 
-def _ip_adapter_state(unet, embed_dim: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random IP-Adapter-Plus weights in the original checkpoint layout (Resampler + to_k_ip/to_v_ip)."""
-    d, out_dim, inner, depth, tokens = 32, unet.config.cross_attention_dim, 64, 4, 16
+def _ip_adapter_state(unet, embed_dim: int, gen: torch.Generator, d: int = 32,
+                      inner: int = 64) -> dict[str, torch.Tensor]:
+    """Random IP-Adapter-Plus weights in the original checkpoint layout (Resampler + to_k_ip/to_v_ip).
+
+    ``d``: the Resampler's width; ``inner``: its attention width (64 per head, as diffusers reads it).
+    """
+    out_dim, depth, tokens = unet.config.cross_attention_dim, 4, 16
 
     def w(*shape):
         return torch.randn(*shape, generator=gen) * 0.02
@@ -143,3 +151,74 @@ def _write_tiny(out: Path) -> None:
     vision.save_pretrained(models / "image_encoder")
     save_file({k: v.contiguous() for k, v in ip_state.items()}, str(models / "ip-adapter-plus_sd15.safetensors"))
     (out / MARKER).write_text("random weights: smoke tests only, never an edit result\n")
+
+
+# ----------------------------------------------------------------------------- model="random-sd15"
+RANDOM_SD15 = "random-sd15"
+# The published configs of SD-1.5 (unet/, vae/, text_encoder/ of stable-diffusion-v1-5) and of the
+# IP-Adapter-Plus image encoder (h94/IP-Adapter models/image_encoder, CLIP ViT-H/14). The text encoder
+# keeps CLIP ViT-L's 49408-token embedding (its cost) but uses the byte-level tokenizer above, so its
+# special-token ids are that tokenizer's.
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+                 attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu", downsample_padding=1,
+                 flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1, center_input_sample=False)
+SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2, norm_num_groups=32, sample_size=512, act_fn="silu")
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                 num_hidden_layers=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+                 bos_token_id=512, eos_token_id=513, pad_token_id=1)
+VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32,
+               image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5)
+IP_PLUS_SD15 = dict(d=768, inner=768)  # Resampler: 768 dims, 12 heads of 64, depth 4, 16 tokens
+
+
+def random_sd15_modules(seed: int = SEED):
+    """``(unet, vae, text_encoder, image_encoder)`` of the full-size architecture, random, float32.
+
+    Built on the current default device: under ``with torch.device("meta")`` nothing is allocated.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return (UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE),
+                CLIPTextModel(CLIPTextConfig(**SD15_TEXT)), CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H14)))
+
+
+def random_sd15_pipeline(dtype: torch.dtype = torch.float32, ip_adapter: bool = True):
+    """A StableDiffusionPipeline of :func:`random_sd15_modules` in ``dtype`` on the CPU, in memory.
+
+    With ``ip_adapter`` it carries random IP-Adapter-Plus weights in the original layout, loaded by
+    diffusers' ``load_ip_adapter`` (scale set by the caller). Nothing is written to disk but the
+    byte-level tokenizer's two small files, in a temporary directory.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPTokenizer
+
+    unet, vae, text, vision = (m.to(dtype).eval() for m in random_sd15_modules())
+    with tempfile.TemporaryDirectory(prefix="regiondrag-tok-") as tmp:
+        _write_tokenizer(Path(tmp) / "tokenizer")
+        tokenizer = CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+    size = VIT_H14["image_size"]
+    features = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                  resample=3, do_center_crop=True, do_normalize=True, image_mean=_CLIP_MEAN,
+                                  image_std=_CLIP_STD)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=PNDMScheduler.from_config(_SCHEDULER), safety_checker=None,
+                                   feature_extractor=features, image_encoder=vision if ip_adapter else None,
+                                   requires_safety_checker=False)
+    if ip_adapter:
+        flat = _ip_adapter_state(unet, VIT_H14["hidden_size"], torch.Generator().manual_seed(SEED + 1),
+                                 **IP_PLUS_SD15)
+        nested = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in flat.items():
+            group, name = key.split(".", 1)
+            nested[group][name] = value.to(dtype)
+        pipe.load_ip_adapter(nested, subfolder="models", weight_name="ip-adapter-plus_sd15.safetensors",
+                             image_encoder_folder=None)
+    return pipe

@@ -1,0 +1,755 @@
+"""``bench``: latency of whole RegionDrag edits per backend, beside the paper's own implementation.
+
+``python -m regiondrag.engine bench`` (and ``benchmarks/bench_pipeline.py``, a thin wrapper) runs fixed
+workloads on every selected backend in one process and writes one JSON file (plus a PNG chart and a
+Markdown table on stdout):
+
+* Workloads (:data:`WORKLOADS`): the paper's default edit (512x512, steps 20, start_t 0.5, end_t 0.2,
+  encode_then_cp, IP-Adapter on), the same at 768x768 and 512x768 (width x height), and cp_then_encode
+  at 512x512. The image is a fixed-seed smooth random image; the drag one region pair of two ellipses
+  covering 5% of the image each, the target shifted. Same inputs and seed on every backend.
+* Backends: ``baseline`` (``benchmarks/baseline.py``: the reference code's structure in eager
+  diffusers, the denominator of every ``ratio_to_baseline``), ``torch``, ``compiled``, ``onnxruntime``,
+  ``tensorrt``. Each loads its own copy of the model (memory is freed in between).
+* Per backend and workload: the first edit after loading is timed on its own (``first_call_ms`` =
+  ``load_ms`` (from_pretrained, or load_components for the baseline) + ``first_edit_ms``, which
+  includes compiling/loading artifacts for that shape); ``warmup - 1`` more untimed edits; then ``runs``
+  timed edits: end to end with a host clock (synchronised), per stage from the pipeline's
+  ``result.timings`` (CUDA events on CUDA), region ops (blur, copy-paste + mask blend; part of
+  ``sampling``) by timing the ``regiondrag.kernels.region_ops`` calls the pipeline makes. Median and p90.
+  ``peak_mem_gb``: ``torch.cuda.max_memory_allocated`` over the timed runs (GiB, weights included;
+  TensorRT / ONNX Runtime allocations outside torch show in ``device_mem_used_gb`` instead).
+* Achieved TFLOP/s per stage for the SD-1.5 architecture from nominal costs (:data:`NOMINAL_TFLOP`,
+  scaled by pixel count) against a matmul ceiling measured in the same run.
+
+Weights: ``--model`` when given (``weights: "real"`` unless the model is a random one); otherwise
+``random-sd15`` (full-size SD-1.5 architecture, random weights, the real cost) on CUDA and ``tiny``
+on the CPU. CPU figures are CPU figures: the run says so and ``benchmarks/report.py`` leaves them out.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+SCHEMA = "regiondrag-bench-pipeline/1"
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_FILE = REPO / "benchmarks" / "baseline.py"
+BACKENDS = ("baseline", "torch", "compiled", "onnxruntime", "tensorrt")
+STAGES = ("inputs", "text_encode", "image_encode", "vae_encode", "inversion", "sampling", "region_ops",
+          "vae_decode", "postprocess")
+# Nominal TFLOP of one call at 512x512 pixels (64x64 latent) for SD-1.5 + CLIP ViT-H/14; UNet and VAE
+# scale with the pixel count. The image encoder runs at 224x224 whatever the image (2 images x 2 x
+# 632 M parameters x 257 tokens). The same nominal cost is used for every backend (the engine's replay
+# skips the to_k/to_v projections, so its "achieved" figure is an effective rate).
+NOMINAL_TFLOP = {"unet": 0.80, "vae_encoder": 1.12, "vae_decoder": 2.52, "image_encoder": 0.65}
+CPU_NOTE = ("NOTE: CPU run: these are CPU timings (model {model}), not GPU figures; do not report or "
+            "commit them as GPU results.")
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmarked edit. ``width`` x ``height`` in pixels."""
+
+    name: str
+    width: int
+    height: int
+    method: str = "encode_then_cp"
+    steps: int = 20
+    start_t: float = 0.5
+    end_t: float = 0.2
+    noise_scale: float = 1.0
+    seed: int = 42
+    prompt: str = "A photo of an object."
+
+
+WORKLOADS = {w.name: w for w in (
+    Workload("default", 512, 512),
+    Workload("768x768", 768, 768),
+    Workload("512x768", 512, 768),
+    Workload("cp_then_encode", 512, 512, method="cp_then_encode"),
+)}
+
+
+# ----------------------------------------------------------------------------- inputs
+def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth random RGB image (a 6x6 random grid upsampled bicubically), HxWx3 uint8."""
+    from PIL import Image
+
+    grid = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(grid).resize((width, height), Image.BICUBIC))
+
+
+def ellipse_mask(width: int, height: int, cx: float, cy: float, ax: float, ay: float) -> np.ndarray:
+    yy, xx = np.mgrid[:height, :width]
+    return ((((xx + 0.5 - cx) / ax) ** 2 + ((yy + 0.5 - cy) / ay) ** 2) <= 1).astype(np.uint8)
+
+
+def region_pair(width: int, height: int):
+    """The benchmark's drag: two ellipses of 5% of the image each (semi-axes 0.16 W and 0.10 H), the
+    target shifted by (+0.26 W, -0.10 H)."""
+    import regiondrag as rd
+
+    ax, ay = 0.16 * width, 0.10 * height
+    src = ellipse_mask(width, height, 0.36 * width, 0.55 * height, ax, ay)
+    trg = ellipse_mask(width, height, 0.62 * width, 0.45 * height, ax, ay)
+    return rd.RegionPairs(sources=[src], targets=[trg])
+
+
+@dataclass
+class Inputs:
+    image: np.ndarray
+    drag: object
+    region_fraction: float
+
+
+def make_inputs(w: Workload) -> Inputs:
+    drag = region_pair(w.width, w.height)
+    return Inputs(synthetic_image(w.width, w.height), drag, float(drag.sources[0].mean()))
+
+
+# ----------------------------------------------------------------------------- device helpers
+def _torch():
+    import torch
+
+    return torch
+
+
+def _clock(device) -> float:
+    """Host time in ms after the device has finished its queued work."""
+    if device.type == "cuda":
+        _torch().cuda.synchronize(device)
+    return time.perf_counter() * 1e3
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch = _torch()
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def device_name(device) -> str:
+    torch = _torch()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def device_key(device) -> str:
+    """File-name key of the device: the GPU's name as a slug, or ``cpu``."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+
+
+def matmul_ceiling(device, dtype) -> dict:
+    """Measured dense matmul rate (TFLOP/s) in ``dtype``: n=8192 on CUDA (median of 20), 1024 on CPU."""
+    torch = _torch()
+    n = 8192 if device.type == "cuda" else 1024
+    g = torch.Generator(device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    times = []
+    for i in range(25 if device.type == "cuda" else 5):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            torch.matmul(a, b)
+            e.record()
+            e.synchronize()
+            ms = s.elapsed_time(e)
+        else:
+            t = time.perf_counter()
+            torch.matmul(a, b)
+            ms = (time.perf_counter() - t) * 1e3
+        if i >= (5 if device.type == "cuda" else 1):
+            times.append(ms)
+    del a, b
+    _free(device)
+    return {"tflops": 2 * n**3 / float(np.median(times)) / 1e9, "n": n, "dtype": str(dtype).replace("torch.", "")}
+
+
+def _dist_version(*names: str) -> str | None:
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def collect_versions(device) -> dict:
+    import regiondrag
+
+    torch = _torch()
+    out = {"python": platform.python_version(), "regiondrag": regiondrag.__version__, "torch": torch.__version__,
+           "cuda": torch.version.cuda, "cudnn": None, "driver": None,
+           "diffusers": _dist_version("diffusers"), "transformers": _dist_version("transformers"),
+           "triton": _dist_version("triton", "pytorch-triton"),
+           "onnxruntime": _dist_version("onnxruntime-gpu", "onnxruntime"),
+           "tensorrt": _dist_version("tensorrt", "tensorrt-cu12", "tensorrt_cu12", "tensorrt-cu13")}
+    if device.type == "cuda":
+        out["cudnn"] = str(torch.backends.cudnn.version())
+        with contextlib.suppress(Exception):
+            import subprocess
+
+            r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=20)
+            out["driver"] = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
+    return out
+
+
+# ----------------------------------------------------------------------------- backends
+def load_baseline_module():
+    """``benchmarks/baseline.py`` of the repository checkout (it is not part of the installed package)."""
+    if not BASELINE_FILE.is_file():
+        raise ValueError(f"the baseline backend needs the repository's benchmarks/baseline.py "
+                         f"(not found at {BASELINE_FILE}); run from a checkout")
+    mod = sys.modules.get("regiondrag_bench_baseline")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("regiondrag_bench_baseline", BASELINE_FILE)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def unavailable_reason(backend: str, device) -> str | None:
+    """Why ``backend`` cannot run on ``device`` here (None when it can)."""
+    if backend not in BACKENDS:
+        return f"unknown backend; allowed: {', '.join(BACKENDS)}"
+    if backend == "baseline" and not BASELINE_FILE.is_file():
+        return "benchmarks/baseline.py is not here (run from a repository checkout)"
+    if backend == "onnxruntime":
+        if importlib.util.find_spec("onnxruntime") is None:
+            return "ONNX Runtime is not installed (pip install 'regiondrag[onnx]', or onnxruntime-gpu for CUDA)"
+        if device.type == "cuda":
+            import onnxruntime
+
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                return "onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+    if backend == "tensorrt":
+        if device.type != "cuda":
+            return "TensorRT needs a CUDA device"
+        if importlib.util.find_spec("tensorrt") is None:
+            return "TensorRT is not installed"
+    return None
+
+
+def default_backends(device) -> list[str]:
+    """Every backend that can run here; ``compiled`` only on CUDA (AOTInductor CPU builds take minutes)."""
+    return [b for b in BACKENDS if unavailable_reason(b, device) is None
+            and not (b == "compiled" and device.type != "cuda")]
+
+
+class RegionOpTimer:
+    """Times the region-op calls the pipeline makes (``regiondrag.kernels.region_ops``: blur, paste_blend
+    and their references) while active: CUDA events around each outermost call, a host clock on CPU.
+
+    The pipeline looks the functions up on the module at each call, so wrapping the module attributes
+    is enough; nothing in the pipeline changes.
+    """
+
+    NAMES = ("paste_blend", "paste_blend_ref", "blur", "blur_ref")
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple] = []
+        self.depth = 0
+
+    def _now(self):
+        if self.cuda:
+            ev = _torch().cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _wrap(self, fn):
+        def timed(*args, **kwargs):
+            if self.depth:  # a launcher falling back to its reference: time the outer call only
+                return fn(*args, **kwargs)
+            self.depth += 1
+            start = self._now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.marks.append((start, self._now()))
+                self.depth -= 1
+        return timed
+
+    def __enter__(self):
+        from regiondrag.kernels import region_ops
+
+        self.module = region_ops
+        self.saved = {n: getattr(region_ops, n) for n in self.NAMES}
+        for name, fn in self.saved.items():
+            setattr(region_ops, name, self._wrap(fn))
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved.items():
+            setattr(self.module, name, fn)
+
+    def total_ms(self) -> float:
+        if self.cuda:
+            _torch().cuda.synchronize()
+            return float(sum(a.elapsed_time(b) for a, b in self.marks))
+        return float(sum(b - a for a, b in self.marks) * 1e3)
+
+
+# ----------------------------------------------------------------------------- measuring
+@dataclass
+class BenchConfig:
+    model: str
+    ip_adapter: str | None
+    device: object  # torch.device
+    dtype: object  # torch.dtype
+    backends: list
+    workloads: list  # [Workload]
+    runs: int = 10
+    warmup: int = 2
+    cache_dir: str | None = None
+
+
+def nominal_tflop(w: Workload) -> dict[str, float]:
+    """Nominal TFLOP per stage of one edit of ``w`` on SD-1.5 (see :data:`NOMINAL_TFLOP`)."""
+    scale = w.width * w.height / 512**2
+    s = int(w.start_t * w.steps)
+    sde = w.method == "encode_then_cp"
+    return {"image_encode": NOMINAL_TFLOP["image_encoder"],
+            "vae_encode": (1 if sde else 2) * NOMINAL_TFLOP["vae_encoder"] * scale,
+            "inversion": (1 if sde else 2) * s * NOMINAL_TFLOP["unet"] * scale,
+            "sampling": s * NOMINAL_TFLOP["unet"] * scale,
+            "vae_decode": NOMINAL_TFLOP["vae_decoder"] * scale}
+
+
+def is_full_size_sd15(components) -> bool:
+    u, v = components.unet.config, components.vae.config
+    return (tuple(u.block_out_channels) == (320, 640, 1280, 1280) and u.cross_attention_dim == 768
+            and tuple(v.block_out_channels) == (128, 256, 512, 512))
+
+
+def _edit_fn(backend: str, cfg: BenchConfig, say: Say):
+    """Load ``backend``'s model; returns ``(edit(workload, inputs) -> EditResult, components, runner)``."""
+    if backend == "baseline":
+        from regiondrag.models import load_components
+
+        mod = load_baseline_module()
+        comps = load_components(cfg.model, cfg.ip_adapter, cfg.device, cfg.dtype)
+
+        def edit(w: Workload, inp: Inputs):
+            # What the engine does in its "inputs" stage (region masks -> points, the preview) is
+            # done by the reference's UI before drag(); it is counted here, in "inputs".
+            t0 = time.perf_counter()
+            src, trg = inp.drag.to_points(1 / 8)
+            preview = inp.drag.preview(inp.image) if w.method == "cp_then_encode" else None
+            prep_ms = (time.perf_counter() - t0) * 1e3
+            res = mod.baseline_edit(comps, inp.image, src * 8, trg * 8, prompt=w.prompt, preview=preview,
+                                    method=w.method, steps=w.steps, start_t=w.start_t, end_t=w.end_t,
+                                    noise_scale=w.noise_scale, seed=w.seed)
+            res.timings["inputs"] = res.timings.get("inputs", 0.0) + prep_ms
+            res.timings["total"] = res.timings.get("total", 0.0) + prep_ms
+            return res
+
+        return edit, comps, None
+    from regiondrag.pipeline import RegionDragPipeline
+
+    pipe = RegionDragPipeline.from_pretrained(cfg.model, ip_adapter=cfg.ip_adapter, device=cfg.device,
+                                              dtype=cfg.dtype, backend=backend, cache_dir=cfg.cache_dir,
+                                              build_progress=say)
+
+    def edit(w: Workload, inp: Inputs):
+        return pipe.edit(inp.image, inp.drag, prompt=w.prompt, method=w.method, steps=w.steps,
+                         start_t=w.start_t, end_t=w.end_t, noise_scale=w.noise_scale, seed=w.seed)
+
+    return edit, pipe.components, pipe.runner
+
+
+def _artifact_state(runner, before) -> str | None:
+    """Compiled backends: "built" / "cached" when the first edit prepared artifacts for its shape,
+    "loaded" when this process already had them (an earlier workload of the same shape); else None."""
+    report = getattr(runner, "report", None)
+    if report is None:
+        return None
+    if report is before:
+        return "loaded"
+    return "built" if any(not r.get("hit") for r in report) else "cached"
+
+
+def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchConfig, load_ms: float,
+                    say: Say, first: bool) -> tuple[dict, object]:
+    torch = _torch()
+    dev = cfg.device
+    if dev.type == "cuda" and not first:  # for the first workload the reset before loading counts
+        torch.cuda.reset_peak_memory_stats(dev)
+    report_before = getattr(runner, "report", None)
+    t0 = _clock(dev)
+    edit(w, inp)
+    first_edit_ms = _clock(dev) - t0
+    first_peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    artifacts = _artifact_state(runner, report_before)
+    for _ in range(cfg.warmup - 1):
+        edit(w, inp)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    e2e, stages = [], []
+    for _ in range(cfg.runs):
+        ops = RegionOpTimer(dev) if backend != "baseline" else None
+        with ops if ops is not None else contextlib.nullcontext():
+            t0 = _clock(dev)
+            res = edit(w, inp)
+            e2e.append(_clock(dev) - t0)
+        st = {k: float(v) for k, v in res.timings.items() if k != "total"}
+        if ops is not None:
+            st["region_ops"] = ops.total_ms()
+        stages.append(st)
+    peak = used = None
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(dev) / 2**30
+        free, total = torch.cuda.mem_get_info(dev)
+        used = (total - free) / 2**30
+    names = [s for s in STAGES if any(s in st for st in stages)]
+    stages_ms = {s: float(np.median([st.get(s, 0.0) for st in stages])) for s in names}
+    row = dict(backend=backend, workload=w.name, width=w.width, height=w.height, method=w.method, steps=w.steps,
+               e2e_ms_median=float(np.median(e2e)), e2e_ms_p90=float(np.percentile(e2e, 90)),
+               e2e_ms_runs=[float(x) for x in e2e], first_call_ms=load_ms + first_edit_ms, load_ms=load_ms,
+               first_edit_ms=first_edit_ms, artifacts=artifacts, stages_ms=stages_ms,
+               stages_ms_p90={s: float(np.percentile([st.get(s, 0.0) for st in stages], 90)) for s in names},
+               peak_mem_gb=peak, first_call_peak_mem_gb=first_peak, device_mem_used_gb=used, error=None)
+    say(f"{backend:<11} {w.name:<15} e2e median {row['e2e_ms_median']:.1f} ms, p90 {row['e2e_ms_p90']:.1f} ms, "
+        f"first call {row['first_call_ms'] / 1e3:.1f} s")
+    return row, res.latent.detach().float().cpu()
+
+
+def _error_row(backend: str, w: Workload, exc: BaseException) -> dict:
+    return dict(backend=backend, workload=w.name, width=w.width, height=w.height, method=w.method, steps=w.steps,
+                e2e_ms_median=None, e2e_ms_p90=None, first_call_ms=None, stages_ms={}, peak_mem_gb=None,
+                error=f"{type(exc).__name__}: {exc}")
+
+
+def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta: dict, latents: dict) -> list[dict]:
+    torch = _torch()
+    dev = cfg.device
+    _free(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    say(f"{backend}: loading {cfg.model}")
+    try:
+        t0 = _clock(dev)
+        edit, comps, runner = _edit_fn(backend, cfg, say)
+        load_ms = _clock(dev) - t0
+    except Exception as exc:  # noqa: BLE001 - recorded in the results, the other backends still run
+        if os.environ.get("REGIONDRAG_DEBUG"):
+            raise
+        say(f"{backend}: failed to load: {exc}")
+        return [_error_row(backend, w, exc) for w in cfg.workloads]
+    meta.setdefault("random_weights", bool(comps.random_weights))
+    meta.setdefault("full_size", is_full_size_sd15(comps))
+    meta.setdefault("ip_adapter", comps.image_encoder is not None)
+    meta.setdefault("fingerprint", comps.fingerprint)
+    rows = []
+    for i, w in enumerate(cfg.workloads):
+        try:
+            row, latent = _bench_workload(backend, edit, runner, w, inputs[w.name], cfg, load_ms, say, i == 0)
+            latents[(backend, w.name)] = latent
+        except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            if os.environ.get("REGIONDRAG_DEBUG"):
+                raise
+            say(f"{backend} {w.name}: failed: {exc}")
+            row = _error_row(backend, w, exc)
+        rows.append(row)
+    del edit, comps, runner
+    _free(dev)
+    return rows
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def _add_derived(rows: list[dict], latents: dict, ceiling: float, full_size: bool) -> dict:
+    """Ratios to the baseline, latent differences to it and achieved TFLOP/s, in place."""
+    base = {r["workload"]: r for r in rows if r["backend"] == "baseline" and r["error"] is None}
+    ratios: dict = {}
+    for r in rows:
+        if r["error"] is not None:
+            continue
+        w = WORKLOADS.get(r["workload"])
+        b = base.get(r["workload"])
+        r["ratio_to_baseline"] = r["e2e_ms_median"] / b["e2e_ms_median"] if b else None
+        r["speedup_vs_baseline"] = b["e2e_ms_median"] / r["e2e_ms_median"] if b else None
+        ratios.setdefault(r["backend"], {})[r["workload"]] = r["ratio_to_baseline"]
+        mine, ref = latents.get((r["backend"], r["workload"])), latents.get(("baseline", r["workload"]))
+        r["latent_max_abs_diff_vs_baseline"] = (float((mine - ref).abs().max()) if mine is not None
+                                                and ref is not None else None)
+        if full_size and w is not None:
+            w = replace(w, width=r["width"], height=r["height"], steps=r["steps"])
+            r["tflops"] = {s: f / r["stages_ms"][s] * 1e3 for s, f in nominal_tflop(w).items()
+                           if r["stages_ms"].get(s)}
+            r["tflops_fraction_of_matmul"] = {s: v / ceiling for s, v in r["tflops"].items()} if ceiling else None
+        else:
+            r["tflops"] = None
+    return ratios
+
+
+def run_bench(cfg: BenchConfig, say: Say = lambda m: None) -> dict:
+    """Run every backend on every workload; returns the result document (see the module docstring)."""
+    from regiondrag.schedule import make_schedule
+
+    for w in cfg.workloads:  # check the schedule parameters before loading anything
+        make_schedule(w.steps, w.start_t, w.end_t, True, {})
+    dev = cfg.device
+    started = _dt.datetime.now(_dt.timezone.utc)
+    say(f"measuring the {str(cfg.dtype).replace('torch.', '')} matmul ceiling on {device_name(dev)}")
+    ceiling = matmul_ceiling(dev, cfg.dtype)
+    inputs = {w.name: make_inputs(w) for w in cfg.workloads}
+    meta: dict = {}
+    latents: dict = {}
+    rows: list[dict] = []
+    for backend in cfg.backends:
+        rows += _bench_backend(backend, cfg, inputs, say, meta, latents)
+    ratios = _add_derived(rows, latents, ceiling["tflops"], meta.get("full_size", False))
+    notes = []
+    if dev.type != "cuda":
+        notes.append(CPU_NOTE.format(model=cfg.model))
+    if not meta.get("full_size", False):
+        notes.append(f"model {cfg.model!r} is not the full-size SD-1.5 architecture: its costs are not SD-1.5's "
+                     "(no TFLOP/s figures)")
+    if meta.get("random_weights"):
+        notes.append("random weights: the cost of the architecture, not real edits (load_ms includes "
+                     "building the weights)")
+    return _finite({
+        "schema": SCHEMA, "timestamp": started.isoformat(timespec="seconds"),
+        "device": device_name(dev), "device_type": dev.type, "device_key": device_key(dev),
+        "dtype": str(cfg.dtype).replace("torch.", ""), "model": cfg.model,
+        "weights": "random" if meta.get("random_weights", cfg.model in ("tiny", "random-sd15")) else "real",
+        "full_size": meta.get("full_size"), "ip_adapter": meta.get("ip_adapter"),
+        "model_fingerprint": meta.get("fingerprint"),
+        "versions": collect_versions(dev), "matmul": ceiling, "matmul_tflops": ceiling["tflops"],
+        "settings": {"runs": cfg.runs, "warmup": cfg.warmup, "backends": list(cfg.backends),
+                     "workloads": [w.name for w in cfg.workloads]},
+        "workloads": {w.name: {**asdict(w), "region_fraction": inputs[w.name].region_fraction}
+                      for w in cfg.workloads},
+        "results": rows, "ratio_to_baseline": ratios, "notes": notes,
+    })
+
+
+# ----------------------------------------------------------------------------- output
+def _fmt(x, spec=".1f", scale=1.0):
+    return "—" if x is None else format(x * scale, spec)
+
+
+def markdown_table(doc: dict) -> str:
+    """The run as a Markdown table: one row per backend and workload."""
+    head = ["workload", "backend", "e2e median ms", "p90 ms", "× baseline", "first call s", "text", "image",
+            "VAE enc", "inversion", "sampling", "region ops", "VAE dec", "peak GiB", "UNet TFLOP/s (% matmul)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = {n: i for i, n in enumerate(doc["settings"]["workloads"])}
+    for r in sorted(doc["results"], key=lambda r: (order.get(r["workload"], 99), BACKENDS.index(r["backend"])
+                                                     if r["backend"] in BACKENDS else 99)):
+        if r.get("error"):
+            lines.append(f"| {r['workload']} | {r['backend']} | failed: {r['error'][:80]} |" + " |" * (len(head) - 3))
+            continue
+        st = r["stages_ms"]
+        tf = (r.get("tflops") or {}).get("sampling")
+        unet = "—" if tf is None else f"{tf:.1f} ({100 * tf / doc['matmul_tflops']:.0f}%)"
+        speed = r.get("speedup_vs_baseline")
+        lines.append("| " + " | ".join([
+            r["workload"], r["backend"], _fmt(r["e2e_ms_median"]), _fmt(r["e2e_ms_p90"]),
+            "—" if speed is None else f"{speed:.2f}×", _fmt(r["first_call_ms"], ".1f", 1e-3),
+            *(_fmt(st.get(s)) for s in ("text_encode", "image_encode", "vae_encode", "inversion", "sampling",
+                                        "region_ops", "vae_decode")),
+            _fmt(r.get("peak_mem_gb"), ".2f"), unet]) + " |")
+    return "\n".join(lines)
+
+
+# Stacked segments of the chart: (label, value from a result row).
+_SEGMENTS = (
+    ("text encode", lambda r: r["stages_ms"].get("text_encode", 0.0)),
+    ("image encode", lambda r: r["stages_ms"].get("image_encode", 0.0)),
+    ("VAE encode", lambda r: r["stages_ms"].get("vae_encode", 0.0)),
+    ("inversion", lambda r: r["stages_ms"].get("inversion", 0.0)),
+    ("sampling (networks)", lambda r: max(0.0, r["stages_ms"].get("sampling", 0.0) - r["stages_ms"].get("region_ops", 0.0))),
+    ("region ops", lambda r: r["stages_ms"].get("region_ops", 0.0)),
+    ("VAE decode", lambda r: r["stages_ms"].get("vae_decode", 0.0)),
+)
+
+
+def write_chart(doc: dict, path: Path) -> bool:
+    """Stacked per-stage bars per backend, one panel per workload; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in doc["results"] if not r.get("error")]
+    workloads = [w for w in doc["settings"]["workloads"] if any(r["workload"] == w for r in rows)]
+    if not workloads:
+        return False
+    nb = max(sum(r["workload"] == w for r in rows) for w in workloads)
+    fig, axes = plt.subplots(len(workloads), 1, figsize=(10, 1.0 + len(workloads) * (0.45 * nb + 0.8)), squeeze=False)
+    colors = plt.get_cmap("tab10").colors
+    for ax, w in zip(axes[:, 0], workloads):
+        mine = sorted((r for r in rows if r["workload"] == w),
+                      key=lambda r: BACKENDS.index(r["backend"]) if r["backend"] in BACKENDS else 99)
+        for i, r in enumerate(mine):
+            left = 0.0
+            for k, (label, get) in enumerate(_SEGMENTS):
+                v = get(r)
+                ax.barh(i, v, left=left, color=colors[k], label=label if i == 0 else None)
+                left += v
+            other = max(0.0, r["e2e_ms_median"] - left)
+            ax.barh(i, other, left=left, color="lightgray", label="other" if i == 0 else None)
+            ax.text(r["e2e_ms_median"], i, f" {r['e2e_ms_median']:.0f} ms", va="center", fontsize=8)
+        ax.set_xlim(0, 1.15 * max(r["e2e_ms_median"] for r in mine))  # room for the labels
+        ax.set_yticks(range(len(mine)), [r["backend"] for r in mine])
+        ax.invert_yaxis()
+        ax.set_title(w, fontsize=10, loc="left")
+        ax.set_xlabel("ms (median)")
+    axes[0, 0].legend(ncol=4, fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.05))
+    fig.suptitle(f"{doc['device']} · {doc['model']} ({doc['weights']} weights) · {doc['dtype']}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def default_out(device) -> Path:
+    root = REPO if (REPO / "benchmarks").is_dir() else Path.cwd()
+    return root / "benchmarks" / "results" / f"{device_key(device)}-{_dt.date.today().isoformat()}.json"
+
+
+# ----------------------------------------------------------------------------- command line
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="hub id, local diffusers dir, .safetensors file, 'random-sd15' (full-size SD-1.5 "
+                   "architecture, random weights) or 'tiny' (default: random-sd15 on CUDA, tiny on the CPU)")
+    p.add_argument("--ip-adapter", default="default", help="as for edit; 'none' to run without (default: on)")
+    p.add_argument("--backends", default=None,
+                   help=f"comma-separated subset of {','.join(BACKENDS)} (default: every one available here; "
+                   "compiled only on CUDA)")
+    p.add_argument("--workloads", default=None,
+                   help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
+    p.add_argument("--runs", type=int, default=10, help="timed edits per backend and workload (default 10)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed edits before them, >= 1; the first is reported as first_call_ms (default 2)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                   help="default: float16 on CUDA (as the paper), float32 on CPU")
+    p.add_argument("--out", help="result JSON (default: benchmarks/results/<gpu-or-cpu>-<date>.json); "
+                   "the chart is written beside it with .png")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    p.add_argument("--size", help="WxH: run every workload at this size instead (smoke runs; not comparable)")
+    p.add_argument("--steps", type=int, help="override the workloads' steps (smoke runs; not comparable)")
+    p.add_argument("--cache-dir", help="cache root (default: $REGIONDRAG_CACHE or ~/.cache/regiondrag)")
+
+
+def add_bench_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="latency benchmark across backends, beside the paper's implementation",
+                       description="Time whole edits per stage on every backend and on a mirror of the "
+                       "paper's code (baseline); write JSON, a chart and a Markdown table.")
+    add_arguments(p)
+    return p
+
+
+def _list_arg(value: str | None, allowed, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise ValueError(f"--{what} {value!r}: allowed values are {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+def config_from_args(args, say: Say) -> BenchConfig:
+    torch = _torch()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    if args.runs < 1 or args.warmup < 1:
+        raise ValueError("--runs and --warmup must be >= 1 (the first warm-up edit is the first-call latency)")
+    model = args.model or ("random-sd15" if device.type == "cuda" else "tiny")
+    if args.model is None and device.type != "cuda":
+        say("no CUDA device: benchmarking the tiny random model on the CPU (--model to choose another)")
+    backends = _list_arg(args.backends, BACKENDS, "backends") or default_backends(device)
+    for b in backends:
+        why = unavailable_reason(b, device)
+        if why:
+            raise ValueError(f"backend {b!r} cannot run here: {why}")
+    workloads = [WORKLOADS[n] for n in (_list_arg(args.workloads, WORKLOADS, "workloads") or WORKLOADS)]
+    if args.size:
+        m = re.fullmatch(r"(\d+)x(\d+)", args.size)
+        if not m or int(m[1]) % 8 or int(m[2]) % 8 or min(int(m[1]), int(m[2])) < 64:
+            raise ValueError(f"--size {args.size!r} must be WxH, multiples of 8, at least 64")
+        workloads = [replace(w, width=int(m[1]), height=int(m[2])) for w in workloads]
+    if args.steps is not None:
+        workloads = [replace(w, steps=args.steps) for w in workloads]
+    ip = None if str(args.ip_adapter).lower() == "none" else args.ip_adapter
+    return BenchConfig(model=model, ip_adapter=ip, device=device, dtype=dtype, backends=backends,
+                       workloads=workloads, runs=args.runs, warmup=args.warmup)
+
+
+def run_from_args(args, say: Say = lambda m: print(m, file=sys.stderr)) -> int:
+    """The ``bench`` command: run, write JSON (+ chart), print the table. Exit 1 if a backend failed."""
+    if getattr(args, "cache_dir", None):
+        os.environ["REGIONDRAG_CACHE"] = str(Path(args.cache_dir).expanduser().resolve())
+    cfg = config_from_args(args, say)
+    if cfg.device.type != "cuda":
+        say(CPU_NOTE.format(model=cfg.model))
+    say(f"backends {', '.join(cfg.backends)}; workloads {', '.join(w.name for w in cfg.workloads)}; "
+        f"{cfg.warmup} warm-up + {cfg.runs} timed edits each")
+    doc = run_bench(cfg, say)
+    doc["settings"].update(size=getattr(args, "size", None), steps=getattr(args, "steps", None))
+    out = Path(args.out) if args.out else default_out(cfg.device)
+    chart = out.with_suffix(".png")
+    doc["chart"] = None
+    if not args.no_chart:
+        if write_chart(doc, chart):
+            doc["chart"] = chart.name
+        else:
+            doc["notes"].append("matplotlib is not installed: no chart (pip install matplotlib)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"# regiondrag bench: {doc['device']}, {doc['model']} ({doc['weights']} weights), {doc['dtype']}, "
+          f"matmul {doc['matmul_tflops']:.1f} TFLOP/s\n")
+    print(markdown_table(doc))
+    print()
+    for note in doc["notes"]:
+        print(note)
+    print(f"results: {out}" + (f"\nchart: {chart}" if doc["chart"] else ""))
+    return 1 if any(r.get("error") for r in doc["results"]) else 0

@@ -1,0 +1,176 @@
+"""The latency benchmark on the CPU: its baseline is a faithful mirror, the command runs end to end, the
+report regenerates the README table. No timing is asserted anywhere."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import regiondrag as rd
+from helpers import METHOD_NAMES, TINY_IP, TINY_SD15, TOLERANCES, golden_case, reference_components
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+CASES = ["etcp_onepair_fullmask", "cpte_twopairs_partmask"]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def baseline_components():
+    """A fresh load: the engine's runners modify the UNet, the baseline must see it as diffusers loads it."""
+    from regiondrag.models import load_components
+
+    return load_components(str(TINY_SD15), ip_adapter=str(TINY_IP))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_baseline_equals_engine_and_reference(baseline_components, name):
+    baseline = _load("baseline")
+    d = golden_case(name)
+    drag = rd.RegionPairs(list(d["src_regions"]), list(d["trg_regions"]))
+    params = dict(prompt=str(d["prompt"]), method=METHOD_NAMES[str(d["method"])], steps=int(d["steps"]),
+                  start_t=float(d["start_t"]), end_t=float(d["end_t"]), noise_scale=float(d["noise_scale"]),
+                  seed=int(d["seed"]), mask=d["mask"], preview=d["preview"])
+    engine = rd.RegionDragPipeline(reference_components()).edit(d["ori_image"], drag, **params)
+    src, trg = drag.to_points(1 / 8)
+    base = baseline.baseline_edit(baseline_components, d["ori_image"], src * 8, trg * 8, **params)
+    tol = TOLERANCES["float32"]
+    assert (base.latent - engine.latent).abs().max().item() <= tol["latent"]
+    assert (base.latent - torch.from_numpy(d["final_latent"])).abs().max().item() <= tol["latent"]
+    assert np.abs(np.asarray(base.image, int) - np.asarray(engine.image, int)).max() <= tol["image"]
+    assert set(base.timings) >= {"inversion", "sampling", "region_ops", "vae_decode", "total"}
+    assert 0 < base.timings["region_ops"] < base.timings["sampling"]
+
+
+def test_baseline_refuses_components_modified_by_the_engine():
+    baseline = _load("baseline")
+    comps = reference_components()
+    rd.RegionDragPipeline(comps)  # installs the engine's K/V processors on this UNet
+    with pytest.raises(ValueError, match="freshly loaded"):
+        baseline.baseline_edit(comps, np.zeros((64, 64, 3), np.uint8), [[8, 8]], [[16, 16]])
+
+
+def test_bench_command_on_cpu(tmp_path):
+    out = tmp_path / "res" / "bench.json"
+    before = sorted(p.name for p in (BENCH / "results").iterdir())
+    env = dict(os.environ, REGIONDRAG_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
+    env.pop("REGIONDRAG_DEBUG", None)
+    r = subprocess.run([sys.executable, "-m", "regiondrag.engine", "bench", "--model", "tiny", "--workloads",
+                        "default", "--size", "128x128", "--steps", "4", "--backends", "torch,baseline",
+                        "--runs", "2", "--warmup", "1", "--out", str(out)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "not GPU figures" in r.stdout and "not GPU figures" in r.stderr
+    assert "| workload | backend | e2e median ms |" in r.stdout
+    doc = json.loads(out.read_text())
+    assert doc["device_type"] == "cpu" and doc["device"].startswith("CPU")
+    assert doc["weights"] == "random" and doc["model"] == "tiny" and doc["full_size"] is False
+    assert {"torch", "diffusers", "transformers", "python"} <= set(doc["versions"])
+    assert doc["matmul_tflops"] > 0
+    rows = {r["backend"]: r for r in doc["results"]}
+    assert set(rows) == {"torch", "baseline"}
+    for row in rows.values():
+        assert row["error"] is None and row["workload"] == "default" and (row["width"], row["height"]) == (128, 128)
+        assert row["e2e_ms_median"] > 0 and row["e2e_ms_p90"] >= row["e2e_ms_median"]
+        assert row["first_call_ms"] >= row["load_ms"] > 0 and len(row["e2e_ms_runs"]) == 2
+        assert {"text_encode", "image_encode", "vae_encode", "inversion", "sampling", "region_ops",
+                "vae_decode"} <= set(row["stages_ms"])
+        assert 0 < row["stages_ms"]["region_ops"] < row["stages_ms"]["sampling"]
+        assert row["peak_mem_gb"] is None  # CPU: no device allocator to read
+        assert row["latent_max_abs_diff_vs_baseline"] <= 1e-4
+    assert rows["baseline"]["ratio_to_baseline"] == 1.0
+    assert rows["torch"]["ratio_to_baseline"] == pytest.approx(
+        rows["torch"]["e2e_ms_median"] / rows["baseline"]["e2e_ms_median"])
+    assert doc["ratio_to_baseline"]["torch"]["default"] == rows["torch"]["ratio_to_baseline"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert doc["chart"] == "bench.png" and out.with_suffix(".png").stat().st_size > 0
+    else:
+        assert doc["chart"] is None and any("matplotlib" in n for n in doc["notes"])
+    assert sorted(p.name for p in (BENCH / "results").iterdir()) == before  # nothing written into the repo
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--backends", "torch,nope"], "allowed values"),
+    (["--backends", "tensorrt", "--device", "cpu"], "TensorRT needs a CUDA device"),
+    (["--workloads", "huge"], "allowed values"),
+    (["--size", "100x7"], "multiples of 8"),
+    (["--runs", "0"], ">= 1"),
+])
+def test_bench_bad_options_fail_before_loading(capsys, args, match):
+    from regiondrag.engine.cli import main
+
+    assert main(["bench", "--model", "tiny", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and match in err
+
+
+def _fake_run(device, timestamp, e2e_torch, device_type="cuda", full_size=True, settings=None):
+    rows = []
+    for backend, e2e in (("baseline", 1500.0), ("torch", e2e_torch)):
+        rows.append(dict(backend=backend, workload="default", e2e_ms_median=e2e, e2e_ms_p90=e2e * 1.1,
+                         first_call_ms=9000.0, stages_ms={"sampling": e2e / 3}, peak_mem_gb=3.5,
+                         ratio_to_baseline=e2e / 1500.0, speedup_vs_baseline=1500.0 / e2e,
+                         tflops={"sampling": 100.0}, error=None))
+    return dict(schema="regiondrag-bench-pipeline/1", timestamp=timestamp, device=device, device_type=device_type,
+                model="random-sd15", weights="random", full_size=full_size, dtype="float16",
+                versions={"torch": "2.9", "cuda": "12.8"}, matmul_tflops=700.0,
+                settings={"runs": 10, "warmup": 2, "size": None, "steps": None, **(settings or {})},
+                results=rows, chart=None)
+
+
+def test_report_regenerates_the_readme_table(tmp_path):
+    report = _load("report")
+    res = tmp_path / "results"
+    res.mkdir()
+    runs = {"gpu-a-old.json": _fake_run("NVIDIA A100-SXM4-80GB", "2025-01-01T10:00:00+00:00", 811.0),
+            "gpu-a-new.json": _fake_run("NVIDIA A100-SXM4-80GB", "2025-03-01T10:00:00+00:00", 222.0),
+            "gpu-b.json": _fake_run("NVIDIA H100 80GB HBM3", "2025-02-01T10:00:00+00:00", 133.0),
+            "cpu-2025-04-01.json": _fake_run("CPU: AMD EPYC", "2025-04-01T10:00:00+00:00", 444.0, device_type="cpu"),
+            "tiny-gpu.json": _fake_run("NVIDIA H100 80GB HBM3", "2025-05-01T10:00:00+00:00", 555.0, full_size=False),
+            "smoke-gpu.json": _fake_run("NVIDIA H100 80GB HBM3", "2025-06-01T10:00:00+00:00", 666.0,
+                                        settings={"size": "128x128"})}
+    for name, doc in runs.items():
+        (res / name).write_text(json.dumps(doc))
+    (res / "kernels-NVIDIA_H100.json").write_text(json.dumps({"device": "NVIDIA H100", "region_ops": []}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Bench\n\nintro\n\n{report.BEGIN}\nstale table\n{report.END}\n\nfooter\n")
+
+    assert report.main(["--results", str(res), "--readme", str(readme), "--check"]) == 1
+    assert report.main(["--results", str(res), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Bench\n\nintro\n") and text.endswith("\n\nfooter\n") and "stale table" not in text
+    table = [line for line in text.splitlines() if line.startswith("| NVIDIA")]
+    assert len(table) == 4  # two GPUs x (baseline, torch)
+    assert "| NVIDIA A100-SXM4-80GB | default | torch | 222.0 |" in text  # the newer A100 run wins
+    assert "811.0" not in text
+    assert "| NVIDIA H100 80GB HBM3 | default | torch | 133.0 |" in text  # tiny/smoke runs are not comparable
+    assert "444.0" not in text and "CPU" not in text and "555.0" not in text and "666.0" not in text
+    assert "6.76×" in text  # 1500 / 222
+    assert report.main(["--results", str(res), "--readme", str(readme), "--check"]) == 0
+
+
+def test_random_sd15_is_the_full_size_architecture():
+    """The full-size random model's shapes, built on the meta device (nothing allocated)."""
+    from regiondrag.tiny import IP_PLUS_SD15, VIT_H14, _ip_adapter_state, random_sd15_modules
+
+    with torch.device("meta"):
+        unet, vae, text, vision = random_sd15_modules()
+    count = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, text, vision)]
+    assert count == [859_520_964, 83_653_863, 123_060_480, 632_076_800]  # SD-1.5 UNet/VAE/CLIP-L, ViT-H/14
+    ip = _ip_adapter_state(unet, VIT_H14["hidden_size"], torch.Generator().manual_seed(1), **IP_PLUS_SD15)
+    assert ip["image_proj.latents"].shape == (1, 16, 768)  # 16 tokens of 768
+    assert ip["image_proj.proj_in.weight"].shape == (768, 1280)
+    assert ip["image_proj.layers.0.0.to_q.weight"].shape == (768, 768)  # 12 heads of 64
+    assert len([k for k in ip if k.startswith("image_proj.layers.") and k.endswith("0.to_q.weight")]) == 4
+    assert len([k for k in ip if k.endswith("to_k_ip.weight")]) == 16
