@@ -28,7 +28,6 @@ not see.
 from __future__ import annotations
 
 import contextlib
-import time
 
 import cv2
 import numpy as np
@@ -41,36 +40,6 @@ from regiondrag.timing import StageTimer
 
 VAE_SCALE = 0.18215
 METHODS = ("encode_then_cp", "cp_then_encode")
-
-
-class _RegionOps:
-    """Accumulates the time of the region operations (blur, copy-paste, mask blend): CUDA events on
-    CUDA (no synchronisation inside the loop), a host clock elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple] = []
-
-    def _now(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    @contextlib.contextmanager
-    def __call__(self):
-        start = self._now()
-        try:
-            yield
-        finally:
-            self.marks.append((start, self._now()))
-
-    def total_ms(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return float(sum(a.elapsed_time(b) for a, b in self.marks))
-        return float(sum(b - a for a, b in self.marks) * 1e3)
 
 
 @contextlib.contextmanager
@@ -167,7 +136,7 @@ def baseline_edit(components, image: np.ndarray, src_pts, trg_pts, prompt: str =
         raise ValueError("cp_then_encode needs the copy-paste preview image")
     _check_fresh(components)
     c, dev = components, components.device
-    timer, region = StageTimer(dev), _RegionOps(dev)
+    timer = StageTimer(dev)
     mask = np.ones((H, W), np.uint8) if mask is None else (np.asarray(mask) > 0).astype(np.uint8)
 
     with _reference_cudnn_flags():
@@ -265,13 +234,13 @@ def baseline_edit(components, image: np.ndarray, src_pts, trg_pts, prompt: str =
         with timer("sampling"):
             handles = register(copy=False)
             x = hooks[-1].clone() if start is None else start
-            with region():
+            with timer("region_ops"):
                 idx = (0, slice(None), blur_pts[:, 1], blur_pts[:, 0])
                 r = (1 - noise_scale ** 2) ** 0.5 if noise_scale < 1 else 0
                 x[idx] = x[idx] * r + torch.randn(x[idx].shape, generator=gen, device=dev, dtype=x.dtype) * noise_scale
             for t in grid[steps - n_inv - 1:-1]:
                 h = hooks.pop()
-                with region():
+                with timer("region_ops"):
                     if t >= e_cut:
                         x[0, :, paste_pts[:, 1], paste_pts[:, 0]] = h[0, :, copy_pts[:, 1], copy_pts[:, 0]]
                     x = torch.where(mask_lat == 1, x, h)
@@ -297,5 +266,4 @@ def baseline_edit(components, image: np.ndarray, src_pts, trg_pts, prompt: str =
                 out = np.where(mask[:, :, None].astype(bool), out, image)
             _empty_cache(dev)
     timings = timer.finish()
-    timings["region_ops"] = region.total_ms()
     return EditResult(image=Image.fromarray(out), latent=x, timings=timings)

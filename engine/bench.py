@@ -16,7 +16,7 @@ Markdown table on stdout):
   includes compiling/loading artifacts for that shape); ``warmup - 1`` more untimed edits; then ``runs``
   timed edits: end to end with a host clock (synchronised), per stage from the pipeline's
   ``result.timings`` (CUDA events on CUDA), region ops (blur, copy-paste + mask blend; part of
-  ``sampling``) by timing the ``regiondrag.kernels.region_ops`` calls the pipeline makes. Median and p90.
+  ``sampling``) as the pipeline records them. Median and p90.
   ``peak_mem_gb``: ``torch.cuda.max_memory_allocated`` over the timed runs (GiB, weights included;
   TensorRT / ONNX Runtime allocations outside torch show in ``device_mem_used_gb`` instead).
 * Achieved TFLOP/s per stage for the SD-1.5 architecture from nominal costs (:data:`NOMINAL_TFLOP`,
@@ -267,61 +267,6 @@ def default_backends(device) -> list[str]:
             and not (b == "compiled" and device.type != "cuda")]
 
 
-class RegionOpTimer:
-    """Times the region-op calls the pipeline makes (``regiondrag.kernels.region_ops``: blur, paste_blend
-    and their references) while active: CUDA events around each outermost call, a host clock on CPU.
-
-    The pipeline looks the functions up on the module at each call, so wrapping the module attributes
-    is enough; nothing in the pipeline changes.
-    """
-
-    NAMES = ("paste_blend", "paste_blend_ref", "blur", "blur_ref")
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple] = []
-        self.depth = 0
-
-    def _now(self):
-        if self.cuda:
-            ev = _torch().cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def _wrap(self, fn):
-        def timed(*args, **kwargs):
-            if self.depth:  # a launcher falling back to its reference: time the outer call only
-                return fn(*args, **kwargs)
-            self.depth += 1
-            start = self._now()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.marks.append((start, self._now()))
-                self.depth -= 1
-        return timed
-
-    def __enter__(self):
-        from regiondrag.kernels import region_ops
-
-        self.module = region_ops
-        self.saved = {n: getattr(region_ops, n) for n in self.NAMES}
-        for name, fn in self.saved.items():
-            setattr(region_ops, name, self._wrap(fn))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(self.module, name, fn)
-
-    def total_ms(self) -> float:
-        if self.cuda:
-            _torch().cuda.synchronize()
-            return float(sum(a.elapsed_time(b) for a, b in self.marks))
-        return float(sum(b - a for a, b in self.marks) * 1e3)
-
-
 # ----------------------------------------------------------------------------- measuring
 @dataclass
 class BenchConfig:
@@ -420,15 +365,10 @@ def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchC
         torch.cuda.reset_peak_memory_stats(dev)
     e2e, stages = [], []
     for _ in range(cfg.runs):
-        ops = RegionOpTimer(dev) if backend != "baseline" else None
-        with ops if ops is not None else contextlib.nullcontext():
-            t0 = _clock(dev)
-            res = edit(w, inp)
-            e2e.append(_clock(dev) - t0)
-        st = {k: float(v) for k, v in res.timings.items() if k != "total"}
-        if ops is not None:
-            st["region_ops"] = ops.total_ms()
-        stages.append(st)
+        t0 = _clock(dev)
+        res = edit(w, inp)
+        e2e.append(_clock(dev) - t0)
+        stages.append({k: float(v) for k, v in res.timings.items() if k != "total"})
     peak = used = None
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) / 2**30

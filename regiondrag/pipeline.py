@@ -15,6 +15,7 @@ reproduces the reference's noise. Nothing inside the step loops reads a device v
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -142,7 +143,8 @@ class RegionDragPipeline:
                 noises = None
         # 5. sampling
         with timer("sampling"):
-            latent = self._sample(plan, hooks, noises, start, pts, noise_scale, gen, unet.replay(kv), progress)
+            latent = self._sample(plan, hooks, noises, start, pts, noise_scale, gen, unet.replay(kv), progress,
+                                  timer)
         del kv, hooks
         # 6. decode + postprocess
         with timer("vae_decode"):
@@ -230,28 +232,33 @@ class RegionDragPipeline:
             hooks.append(x)
         return hooks
 
-    def _sample(self, plan: sch.Schedule, hooks, noises, start, pts, noise_scale, gen, replay, progress):
+    def _sample(self, plan: sch.Schedule, hooks, noises, start, pts, noise_scale, gen, replay, progress,
+                timer: StageTimer | None = None):
         """§9: blur, then per step: pop hook -> copy-paste (if t >= E) -> mask blend -> sampler step.
 
         ``replay(j)`` is ε with the keys/values of inversion call j. On CUDA the region operations are
-        Triton kernels (one launch each); elsewhere their PyTorch references.
+        Triton kernels (one launch each); elsewhere their PyTorch references. Their time is recorded as
+        the stage ``region_ops`` (also part of ``sampling``).
         """
         from regiondrag.kernels import region_ops as ro
 
         gpu = self.device.type == "cuda"
         blur = ro.blur if gpu else ro.blur_ref
         paste_blend = ro.paste_blend if gpu else ro.paste_blend_ref
+        region_ops = (lambda: timer("region_ops")) if timer is not None else contextlib.nullcontext
         s = plan.num_steps
         x = hooks[-1].clone() if start is None else start.clone()
         z = torch.randn((x.shape[1], pts["n_blur"]), generator=gen, device=x.device, dtype=x.dtype)
-        blur(x, pts["blur"], z[:, pts["blur_last"]], noise_scale)
+        with region_ops():
+            blur(x, pts["blur"], z[:, pts["blur_last"]], noise_scale)
         for i, c in enumerate(plan.backward):
             progress("sampling", i, s)
             h = hooks[s - i]
-            if plan.copy_mask[i]:
-                paste_blend(x, h, pts["copy"], pts["paste"], pts["mask"])
-            else:
-                x = torch.where(pts["mask"], x, h)
+            with region_ops():
+                if plan.copy_mask[i]:
+                    paste_blend(x, h, pts["copy"], pts["paste"], pts["mask"])
+                else:
+                    x = torch.where(pts["mask"], x, h)
             if noises is not None:
                 noise = noises[s - 1 - i]
             else:  # ODE: σ = 0, but the reference still draws (and discards) one randn per step (§13)
