@@ -111,7 +111,7 @@ def _edit_inputs(args):
         if not (args.image and args.drag):
             raise ValueError("edit needs --image and --drag (or --sample DIR)")
         from regiondrag.dragfile import load_drag
-        from regiondrag.pipeline import load_image
+        from regiondrag.inputs import load_image
 
         image = load_image(args.image)
         drag, extras = load_drag(args.drag)

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image
 
 from .drags import PointPairs, RegionPoints
+from .inputs import load_image
 
 IMAGE_FILE = "original_image.png"
 META_FILE = "meta_data.pkl"
@@ -249,15 +249,6 @@ def _require(path: Path) -> Path:
     return path
 
 
-def _load_image(path: Path) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB."""
-    try:
-        with Image.open(path) as img:
-            return np.array(img.convert("RGB"))
-    except OSError as exc:
-        raise ValueError(f"could not read image {path}: {exc}") from exc
-
-
 def load_case(path: str | Path) -> DragCase:
     """Read one DragBench / DragBench-SR / DragBench-DR case directory.
 
@@ -268,7 +259,7 @@ def load_case(path: str | Path) -> DragCase:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no such case directory: {path} ({LAYOUT})")
-    image = _load_image(_require(path / IMAGE_FILE))
+    image = load_image(_require(path / IMAGE_FILE))
     meta_path = _require(path / META_FILE)
     meta = _read_meta(meta_path)
     missing = [k for k in ("prompt", "points", "mask") if k not in meta]

@@ -6,13 +6,14 @@ coordinates, and the result is resized back to the input's size (§12.3's biline
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from .drags import PointPairs, PolygonPairs, RegionPairs, RegionPoints
 
@@ -91,10 +92,29 @@ class EditInputs:
         return img
 
 
+def load_image(image) -> np.ndarray:
+    """PIL image, HxWx3 uint8 array or path -> HxWx3 uint8 RGB array."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"image file {str(path)!r} does not exist")
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except OSError as exc:  # not an image, truncated, unreadable
+            raise ValueError(f"could not read image {str(path)!r}: {exc}") from exc
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {arr.shape} dtype {arr.dtype}")
+    if min(arr.shape[:2]) < 8:
+        raise ValueError(f"image must be at least 8x8 pixels, got {arr.shape[1]}x{arr.shape[0]}")
+    return np.array(arr, copy=True)  # never alias (or write to) the caller's array
+
+
 def prepare_inputs(image, drag, mask, preview, need_preview: bool) -> EditInputs:
     """Validate and bring the inputs to the processing size; see :class:`EditInputs`."""
-    from .pipeline import load_image
-
     original = load_image(image)
     if not isinstance(drag, DRAG_TYPES):
         raise TypeError(f"drag must be one of {', '.join(t.__name__ for t in DRAG_TYPES)}, got {type(drag).__name__}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -26,7 +25,7 @@ from PIL import Image
 
 from . import schedule as sch
 from .drags import border_points
-from .inputs import EditInputs, prepare_inputs
+from .inputs import EditInputs, load_image, prepare_inputs  # noqa: F401 (load_image: public here too)
 from .models import DEFAULT_MODEL, Components, load_components
 from .runner import TorchRunner
 from .timing import StageTimer
@@ -291,20 +290,3 @@ class UNetCalls:
         def for_call(j: int) -> sch.Eps:
             return lambda x, t: self.runner.unet_replay(x, self.t_dev[t], *self.cond, *kv[j])
         return for_call
-
-
-def load_image(image) -> np.ndarray:
-    """PIL image, HxWx3 uint8 array or path -> HxWx3 uint8 RGB array."""
-    if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(f"image file {str(path)!r} does not exist")
-        image = Image.open(path)
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {arr.shape} dtype {arr.dtype}")
-    if min(arr.shape[:2]) < 8:
-        raise ValueError(f"image must be at least 8x8 pixels, got {arr.shape[1]}x{arr.shape[0]}")
-    return np.array(arr, copy=True)  # never alias (or write to) the caller's array

@@ -151,3 +151,11 @@ def test_timings_cover_every_stage(pipe):
     assert set(t) == {"inputs", "text_encode", "image_encode", "vae_encode", "inversion", "sampling",
                       "region_ops", "vae_decode", "postprocess", "total"}
     assert 0 < t["region_ops"] <= t["sampling"] <= t["total"]
+
+
+def test_unreadable_image_file_is_a_value_error(pipe, tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_text("plain text")
+    drag = rd.RegionPairs([_rect(64, 64, 8, 8, 32, 32)], [_rect(64, 64, 30, 24, 54, 48)])
+    with pytest.raises(ValueError, match="could not read image"):
+        pipe.edit(str(bad), drag, **FAST)
