@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .drags import PointPairs, RegionPoints
-from .inputs import load_image
+from .inputs import as_binary_mask, load_image
 
 IMAGE_FILE = "original_image.png"
 META_FILE = "meta_data.pkl"
@@ -182,20 +182,6 @@ def _split_alternating(points: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
     return arr[0::2].copy(), arr[1::2].copy()
 
 
-def _as_mask(value: Any, shape: tuple[int, int], what: str) -> np.ndarray:
-    """Normalise a 0/1 or 0/255 (or bool) HxW mask to uint8 {0, 1}, checking its size."""
-    mask = np.asarray(value)
-    if mask.ndim == 3 and mask.shape[2] == 1:
-        mask = mask[:, :, 0]
-    if mask.ndim != 2 or mask.dtype.kind not in "biuf":
-        raise ValueError(f"{what}: expected an HxW numeric mask, got shape {mask.shape} "
-                         f"dtype {mask.dtype}")
-    if mask.shape != shape:
-        raise ValueError(f"{what}: mask size {mask.shape[1]}x{mask.shape[0]} (WxH) does not match "
-                         f"the image size {shape[1]}x{shape[0]}")
-    return (mask != 0).astype(np.uint8)
-
-
 def _read_meta(path: Path) -> dict:
     """Load a metadata pickle and check it is a dict."""
     meta = safe_load_pickle(path)
@@ -270,7 +256,7 @@ def load_case(path: str | Path) -> DragCase:
         raise ValueError(f"{meta_path}: 'prompt' must be a string")
     shape = image.shape[:2]
     prompt = meta["prompt"]
-    mask = _as_mask(meta["mask"], shape, f"{meta_path}: 'mask'")
+    mask = as_binary_mask(meta["mask"], shape, f"{meta_path}: 'mask'")
     handles, targets = _split_alternating(meta["points"], f"{meta_path}: 'points'")
 
     region_path = path / REGION_FILE
@@ -280,7 +266,7 @@ def load_case(path: str | Path) -> DragCase:
         if isinstance(region.get("prompt"), str):
             prompt = region["prompt"]
         if region.get("mask") is not None:
-            mask = _as_mask(region["mask"], shape, f"{region_path}: 'mask'")
+            mask = as_binary_mask(region["mask"], shape, f"{region_path}: 'mask'")
         drag = PointPairs(src, trg)
     else:
         drag = RegionPoints(mask, [tuple(map(int, p)) for p in handles],

@@ -26,14 +26,16 @@ def processing_size(height: int, width: int) -> tuple[int, int]:
 
 
 def as_binary_mask(mask, shape: tuple[int, int], name: str = "mask") -> np.ndarray:
-    """An HxW {0,1} uint8 copy of ``mask`` (bool, {0,1} or {0,255}); ValueError on a wrong size."""
+    """An HxW {0,1} uint8 copy of ``mask`` (bool or numbers: {0,1}, {0,255}; HxWx1/3/4 images: nonzero
+    on any colour channel); ValueError naming ``name`` on a wrong shape, dtype or size."""
     arr = np.asarray(mask)
-    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+    if arr.ndim == 3 and arr.shape[2] in (1, 3, 4):
         arr = arr[..., :3].max(axis=2)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D HxW array, got shape {arr.shape}")
+    if arr.ndim != 2 or arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: expected an HxW numeric mask, got shape {arr.shape} dtype {arr.dtype}")
     if arr.shape != tuple(shape):
-        raise ValueError(f"{name} is {arr.shape[1]}x{arr.shape[0]} but the image is {shape[1]}x{shape[0]}")
+        raise ValueError(f"{name}: mask size {arr.shape[1]}x{arr.shape[0]} (WxH) does not match the image "
+                         f"size {shape[1]}x{shape[0]}")
     if not np.isfinite(arr.astype(np.float64)).all():
         raise ValueError(f"{name} contains NaN or inf")
     return (arr != 0).astype(np.uint8)
