@@ -209,14 +209,18 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
         example.click(load_example, None, upload).then(on_image, [upload, shape, mode], views)
 
         # ---------------------------------------------------------------- modes
-        def tab(name):
-            @guard(3)
+        def tab(name, with_view: bool):
+            # The clicked tab's view is sent again on selection: an image set while its tab was hidden
+            # (e.g. by the upload) is not always shown by the browser once the tab appears.
+            @guard(4 if with_view else 3)
             def select(st):
-                return (name, *_status(st, name, f"mode: {WORDS[name]}"))
+                view = (us.render(st, name),) if with_view else ()
+                return (name, *view, *_status(st, name, f"mode: {WORDS[name]}"))
             return select
 
-        for t, name in ((tab_m, "region_pairs"), (tab_p, "polygon_pairs"), (tab_r, "region_points")):
-            t.select(tab(name), state, [mode, prev, status])
+        tab_m.select(tab("region_pairs", False), state, [mode, prev, status])
+        tab_p.select(tab("polygon_pairs", True), state, [mode, vis_p, prev, status])
+        tab_r.select(tab("region_points", True), state, [mode, vis_r, prev, status])
 
         out_m = [state, ed_m, prev, status]
 
