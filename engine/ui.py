@@ -7,9 +7,14 @@ once at start-up. All state and drawing lives in :mod:`regiondrag.ui_state` (pur
 without a browser); this module only wires it to gradio. Every handler catches its errors and shows a
 message: the page never shows a stack trace (the server log has it for unexpected errors).
 """
+import atexit
 import functools
+import hashlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,14 +65,49 @@ def _error(msg: str) -> str:
     return f"⚠️ **{msg[:1].upper() + msg[1:]}**"
 
 
+_VIEW_DIR: list[str] = []
+
+
+def _png(image) -> str | None:
+    """``image`` (HxWx3 uint8 array or PIL image) as a PNG file named by its content, for a gradio output.
+
+    Returning an array makes gradio encode it and rewrite its cached copy in place on every return; an
+    identical view returned again (the same render after a tab switch, an editor reset, an undo) then
+    truncates the very file the browser may be fetching for the earlier one, and the page keeps a broken
+    image. A path is instead copied into gradio's cache once, by rename. This file is written once too:
+    atomically, and never again while it exists.
+    """
+    if image is None:
+        return None
+    from PIL import Image
+
+    arr = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    if not _VIEW_DIR:
+        _VIEW_DIR.append(tempfile.mkdtemp(prefix="regiondrag-ui-"))
+        atexit.register(shutil.rmtree, _VIEW_DIR[0], True)
+    digest = hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()[:20]
+    path = os.path.join(_VIEW_DIR[0], f"{digest}.png")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=_VIEW_DIR[0], suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(arr).save(f, format="png")
+        os.replace(tmp, path)
+    return path
+
+
+def _view(state, mode: str) -> str | None:
+    """The drawing for ``mode`` (image with regions, polygons or points) as a PNG path."""
+    return _png(us.render(state, mode)) if state.image is not None else None
+
+
 def _status(state, mode: str, done: str | None = None) -> tuple:
-    """(preview image, status line) for ``mode``: the action's message, then what is missing."""
+    """(preview image path, status line) for ``mode``: the action's message, then what is missing."""
     image, why = us.preview(state, mode)
     pending = us.pending_note(state, mode)
     parts = [p for p in (done, pending, None if pending else why) if p]
     if not why and image is not None:
         parts.append("preview updated")
-    return image, _info("; ".join(parts)) if parts else ""
+    return _png(image), _info("; ".join(parts)) if parts else ""
 
 
 def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
@@ -94,7 +134,7 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
 
     def editor(state, mode: str, next_index: int = 0):
         """Editor value with the mode's drawing as background; brush red for a handle, blue for a target."""
-        bg = us.render(state, mode) if state.image is not None else None
+        bg = _view(state, mode)
         color = "#ff0000" if next_index % 2 == 0 else "#0000ff"
         value = None if bg is None else {"background": bg, "layers": [], "composite": None}
         return gr.ImageEditor(value=value, brush=gr.Brush(colors=[color], default_color=color,
@@ -196,8 +236,8 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             st = us.new_state(image, shape=n)
             (h0, w0), (h, w) = st.meta["uploaded"], st.image.shape[:2]
             pv, msg = _status(st, md, f"image fitted to the canvas: {w0}x{h0} → {w}x{h}")
-            return (st, editor(st, "region_pairs"), "", us.render(st, "polygon_pairs"), editor(st, "region_points"),
-                    us.render(st, "region_points"), pv, None, "", None, msg)
+            return (st, editor(st, "region_pairs"), "", _view(st, "polygon_pairs"), editor(st, "region_points"),
+                    _view(st, "region_points"), pv, None, "", None, msg)
 
         upload.upload(on_image, [upload, shape, mode], views)
         upload.clear(on_image, [upload, shape, mode], views)
@@ -210,11 +250,11 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
 
         # ---------------------------------------------------------------- modes
         def tab(name, with_view: bool):
-            # The clicked tab's view is sent again on selection: an image set while its tab was hidden
-            # (e.g. by the upload) is not always shown by the browser once the tab appears.
+            # The clicked tab's view is sent again on selection, so the tab shows the current drawing
+            # whatever happened while it was hidden (the same file when unchanged: see _png).
             @guard(4 if with_view else 3)
             def select(st):
-                view = (us.render(st, name),) if with_view else ()
+                view = (_view(st, name),) if with_view else ()
                 return (name, *view, *_status(st, name, f"mode: {WORDS[name]}"))
             return select
 
@@ -257,12 +297,12 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
         @guard(len(out_p))
         def on_vertex(st, evt: gr.SelectData):
             st = us.add_vertex(st, evt.index)
-            return (st, us.render(st, "polygon_pairs"), *_status(st, "polygon_pairs"))
+            return (st, _view(st, "polygon_pairs"), *_status(st, "polygon_pairs"))
 
         @guard(len(out_p))
         def on_polygons(st, op, n=4):
             st = {"undo": us.undo_vertex, "clear": us.clear_polygons}[op](st) if op != "shape" else us.set_shape(st, n)
-            return (st, us.render(st, "polygon_pairs"), *_status(st, "polygon_pairs"))
+            return (st, _view(st, "polygon_pairs"), *_status(st, "polygon_pairs"))
 
         vis_p.select(on_vertex, state, out_p)
         undo_p.click(lambda st: on_polygons(st, "undo"), state, out_p)
@@ -278,22 +318,22 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             st = us.set_region(st, us.editor_mask(value, st.image.shape[:2]))
             n = 0 if st.region is None else int(st.region.sum())
             if md != "region_points":  # the hidden editor reporting its reset: keep the other tab's view
-                return st, us.render(st, "region_points"), gr.skip(), gr.skip()
+                return st, _view(st, "region_points"), gr.skip(), gr.skip()
             done = f"region drawn ({n} pixels)" if n else None
-            return (st, us.render(st, "region_points"), *_status(st, "region_points", done))
+            return (st, _view(st, "region_points"), *_status(st, "region_points", done))
 
         @guard(len(out_r))
         def on_point(st, evt: gr.SelectData):
             st = us.add_point(st, evt.index)
             k = len(st.points)
             done = f"{us.role_of(k - 1)} point {(k + 1) // 2} at ({st.points[-1][0]}, {st.points[-1][1]})"
-            return (st, us.render(st, "region_points"), *_status(st, "region_points", done))
+            return (st, _view(st, "region_points"), *_status(st, "region_points", done))
 
         @guard(len(out_r) + 1)
         def on_points(st, op):
             st = us.undo_point(st) if op == "undo" else us.clear_points(st)
             ed = editor(st, "region_points") if op == "clear" else gr.skip()
-            return (st, us.render(st, "region_points"), ed, *_status(st, "region_points"))
+            return (st, _view(st, "region_points"), ed, *_status(st, "region_points"))
 
         ed_r.input(on_region_drawn, [state, mode, ed_r], out_r)
         vis_r.select(on_point, state, out_r)
@@ -315,7 +355,7 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             msg = us.format_timings(res.timings) + note
             run = dict(state=st, mode=md, drag=drag, prompt=text, params=p, result=res.image,
                        visual=us.render(st, md), preview=drag.preview(st.image))
-            return res.image, msg, run, _info(f"done: {msg}; Save writes it to the output folder")
+            return _png(res.image), msg, run, _info(f"done: {msg}; Save writes it to the output folder")
 
         run_btn.click(on_run, [state, mode, prompt, *params], [result, timing, last, status])
 

@@ -335,3 +335,22 @@ def test_page_builds_with_a_stub_pipeline():
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"upload", "editor-m", "vis-p", "editor-r", "vis-r", "preview", "result", "run", "save", "status",
             "banner", "steps", "start-t", "end-t", "noise-scale", "seed", "prompt"} <= ids
+
+
+def test_views_are_written_once_per_content(state):
+    """An identical view returned again is the same file, untouched (gradio would rewrite an array in place)."""
+    import os
+
+    from regiondrag.engine import ui
+
+    view = us.render(state, "polygon_pairs")
+    path = ui._png(view)
+    before = os.stat(path)
+    assert ui._png(view.copy()) == path and ui._png(Image.fromarray(view)) == path
+    after = os.stat(path)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert np.array_equal(np.asarray(Image.open(path)), view)
+    marked = vertices(state, (40, 40))
+    assert ui._png(us.render(marked, "polygon_pairs")) != path
+    assert ui._png(None) is None and ui._view(us.DragState(), "polygon_pairs") is None
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n.endswith(".part")]

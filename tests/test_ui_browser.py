@@ -194,9 +194,18 @@ def click_image(page, sel: str, fx: float, fy: float) -> None:
 
 
 def natural_size(page, sel: str) -> tuple[int, int]:
+    """Wait until the image in ``sel`` is loaded; its natural size. On a timeout, say what the page shows."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     js = ("s => { const i = document.querySelector(s + ' img');"
           " return i && i.complete ? [i.naturalWidth, i.naturalHeight] : [0, 0]; }")
-    page.wait_for_function(f"s => ({js})(s)[0] > 0", arg=sel)
+    try:
+        page.wait_for_function(f"s => ({js})(s)[0] > 0", arg=sel)
+    except PlaywrightTimeout:
+        seen = page.evaluate("s => Array.from(document.querySelectorAll(s + ' img')).map(i => "
+                             "({src: i.src, complete: i.complete, w: i.naturalWidth, shown: i.offsetParent !== null}))",
+                             sel)
+        pytest.fail(f"{sel}: no image loaded; images there: {seen}; status: {status(page)!r}")
     return tuple(page.evaluate(js, sel))
 
 
