@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
+from regiondrag.engine import hardware as hw
 from regiondrag.kernels import attention as A
 
 SHAPES = [(4096, 320), (1024, 640), (256, 1280), (64, 1280)]  # (tokens, channels)
@@ -28,23 +27,12 @@ HEADS = 8
 
 
 def median_ms(fn, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
-    for start, end in pairs:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in pairs)
+    return hw.median_ms(fn, torch.device("cuda"), runs, warmup)
 
 
-def matmul_ceiling_tflops(runs: int, warmup: int, n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    ms = median_ms(lambda: torch.matmul(a, b), runs, warmup)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
+def matmul_ceiling_tflops() -> float:
+    """The fp16 matmul rate measured as ``bench`` measures it (one figure across the benchmarks)."""
+    return hw.matmul_ceiling(torch.device("cuda"), torch.float16)["tflops"]
 
 
 def bench_shape(tokens: int, channels: int, batch: int, runs: int, warmup: int) -> dict:
@@ -99,12 +87,12 @@ def main(argv=None) -> int:
     if os.environ.pop("TRITON_INTERPRET", None) not in (None, "0"):
         print("bench_attention: ignoring TRITON_INTERPRET (the kernel is timed compiled)")
     gpu = torch.cuda.get_device_name()
-    ceiling = matmul_ceiling_tflops(args.runs, args.warmup)
+    ceiling = matmul_ceiling_tflops()
     rows = [bench_shape(n, c, args.batch, args.runs, args.warmup) for n, c in SHAPES]
     print(f"# replay attention, {gpu}, batch {args.batch}, fp16, {HEADS} heads, median of {args.runs} runs\n")
     print(markdown(rows, ceiling))
     out = Path(args.out) if args.out else (
-        Path(__file__).resolve().parent / "results" / f"attention-{re.sub(r'[^A-Za-z0-9._-]+', '-', gpu)}.json")
+        Path(__file__).resolve().parent / "results" / f"attention-{hw.device_key(torch.device('cuda'))}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"gpu": gpu, "torch": torch.__version__, "triton": A.triton.__version__, "cuda": torch.version.cuda,
               "dtype": "float16", "runs": args.runs, "warmup": args.warmup, "matmul_fp16_tflops": ceiling,

@@ -16,22 +16,13 @@ from pathlib import Path
 
 import torch
 
+from regiondrag.engine import hardware as hw
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def cuda_median_ms(fn, runs: int, warmup: int = 10) -> float:
-    """Median milliseconds of ``fn()`` over ``runs`` CUDA-event-timed calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return hw.median_ms(fn, torch.device("cuda"), runs, warmup)
 
 
 def copy_bandwidth_gbs(runs: int) -> float:
@@ -92,8 +83,9 @@ def main(argv=None) -> int:
 
     attention = [bench_attention.bench_shape(n, c, 1, args.runs, 10) for n, c in bench_attention.SHAPES]
     print("\n# Replay attention (fp16, 8 heads)\n")
-    print(bench_attention.markdown(attention, bench_attention.matmul_ceiling_tflops(args.runs, 10)))
-    out = Path(args.out or f"benchmarks/results/kernels-{gpu.replace(' ', '_')}.json")
+    print(bench_attention.markdown(attention, bench_attention.matmul_ceiling_tflops()))
+    out = Path(args.out or Path(__file__).resolve().parent / "results"
+               / f"kernels-{hw.device_key(torch.device('cuda'))}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(device=gpu, versions=dict(torch=torch.__version__, triton=triton.__version__),
                                    copy_bandwidth_gbs=ceiling, region_ops=rows, attention=attention), indent=1))

@@ -29,14 +29,11 @@ on the CPU. CPU figures are CPU figures: the run says so and ``benchmarks/report
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
-import gc
 import importlib.util
 import json
 import math
 import os
-import platform
 import re
 import sys
 import time
@@ -45,6 +42,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .bench_output import markdown_table, write_chart
+from .hardware import _torch, clock, collect_versions, device_key, device_name, free, matmul_ceiling
 
 SCHEMA = "regiondrag-bench-pipeline/1"
 REPO = Path(__file__).resolve().parents[1]
@@ -124,106 +124,6 @@ def make_inputs(w: Workload) -> Inputs:
 
 
 # ----------------------------------------------------------------------------- device helpers
-def _torch():
-    import torch
-
-    return torch
-
-
-def _clock(device) -> float:
-    """Host time in ms after the device has finished its queued work."""
-    if device.type == "cuda":
-        _torch().cuda.synchronize(device)
-    return time.perf_counter() * 1e3
-
-
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch = _torch()
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-
-
-def device_name(device) -> str:
-    torch = _torch()
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU: {line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def device_key(device) -> str:
-    """File-name key of the device: the GPU's name as a slug, or ``cpu``."""
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-
-
-def matmul_ceiling(device, dtype) -> dict:
-    """Measured dense matmul rate (TFLOP/s) in ``dtype``: n=8192 on CUDA (median of 20), 1024 on CPU."""
-    torch = _torch()
-    n = 8192 if device.type == "cuda" else 1024
-    g = torch.Generator(device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
-    times = []
-    for i in range(25 if device.type == "cuda" else 5):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            torch.matmul(a, b)
-            e.record()
-            e.synchronize()
-            ms = s.elapsed_time(e)
-        else:
-            t = time.perf_counter()
-            torch.matmul(a, b)
-            ms = (time.perf_counter() - t) * 1e3
-        if i >= (5 if device.type == "cuda" else 1):
-            times.append(ms)
-    del a, b
-    _free(device)
-    return {"tflops": 2 * n**3 / float(np.median(times)) / 1e9, "n": n, "dtype": str(dtype).replace("torch.", "")}
-
-
-def _dist_version(*names: str) -> str | None:
-    from importlib import metadata
-
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def collect_versions(device) -> dict:
-    import regiondrag
-
-    torch = _torch()
-    out = {"python": platform.python_version(), "regiondrag": regiondrag.__version__, "torch": torch.__version__,
-           "cuda": torch.version.cuda, "cudnn": None, "driver": None,
-           "diffusers": _dist_version("diffusers"), "transformers": _dist_version("transformers"),
-           "triton": _dist_version("triton", "pytorch-triton"),
-           "onnxruntime": _dist_version("onnxruntime-gpu", "onnxruntime"),
-           "tensorrt": _dist_version("tensorrt", "tensorrt-cu12", "tensorrt_cu12", "tensorrt-cu13")}
-    if device.type == "cuda":
-        out["cudnn"] = str(torch.backends.cudnn.version())
-        with contextlib.suppress(Exception):
-            import subprocess
-
-            r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                               capture_output=True, text=True, timeout=20)
-            out["driver"] = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
-    return out
-
-
 # ----------------------------------------------------------------------------- backends
 def load_baseline_module():
     """``benchmarks/baseline.py`` of the repository checkout (it is not part of the installed package)."""
@@ -353,9 +253,9 @@ def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchC
     if dev.type == "cuda" and not first:  # for the first workload the reset before loading counts
         torch.cuda.reset_peak_memory_stats(dev)
     report_before = getattr(runner, "report", None)
-    t0 = _clock(dev)
+    t0 = clock(dev)
     edit(w, inp)
-    first_edit_ms = _clock(dev) - t0
+    first_edit_ms = clock(dev) - t0
     first_peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     artifacts = _artifact_state(runner, report_before)
     for _ in range(cfg.warmup - 1):
@@ -365,9 +265,9 @@ def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchC
         torch.cuda.reset_peak_memory_stats(dev)
     e2e, stages = [], []
     for _ in range(cfg.runs):
-        t0 = _clock(dev)
+        t0 = clock(dev)
         res = edit(w, inp)
-        e2e.append(_clock(dev) - t0)
+        e2e.append(clock(dev) - t0)
         stages.append({k: float(v) for k, v in res.timings.items() if k != "total"})
     peak = used = None
     if dev.type == "cuda":
@@ -396,14 +296,14 @@ def _error_row(backend: str, w: Workload, exc: BaseException) -> dict:
 def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta: dict, latents: dict) -> list[dict]:
     torch = _torch()
     dev = cfg.device
-    _free(dev)
+    free(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     say(f"{backend}: loading {cfg.model}")
     try:
-        t0 = _clock(dev)
+        t0 = clock(dev)
         edit, comps, runner = _edit_fn(backend, cfg, say)
-        load_ms = _clock(dev) - t0
+        load_ms = clock(dev) - t0
     except Exception as exc:  # noqa: BLE001 - recorded in the results, the other backends still run
         if os.environ.get("REGIONDRAG_DEBUG"):
             raise
@@ -425,7 +325,7 @@ def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta:
             row = _error_row(backend, w, exc)
         rows.append(row)
     del edit, comps, runner
-    _free(dev)
+    free(dev)
     return rows
 
 
@@ -504,89 +404,6 @@ def run_bench(cfg: BenchConfig, say: Say = lambda m: None) -> dict:
                       for w in cfg.workloads},
         "results": rows, "ratio_to_baseline": ratios, "notes": notes,
     })
-
-
-# ----------------------------------------------------------------------------- output
-def _fmt(x, spec=".1f", scale=1.0):
-    return "—" if x is None else format(x * scale, spec)
-
-
-def markdown_table(doc: dict) -> str:
-    """The run as a Markdown table: one row per backend and workload."""
-    head = ["workload", "backend", "e2e median ms", "p90 ms", "× baseline", "first call s", "text", "image",
-            "VAE enc", "inversion", "sampling", "region ops", "VAE dec", "peak GiB", "UNet TFLOP/s (% matmul)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = {n: i for i, n in enumerate(doc["settings"]["workloads"])}
-    for r in sorted(doc["results"], key=lambda r: (order.get(r["workload"], 99), BACKENDS.index(r["backend"])
-                                                     if r["backend"] in BACKENDS else 99)):
-        if r.get("error"):
-            lines.append(f"| {r['workload']} | {r['backend']} | failed: {r['error'][:80]} |" + " |" * (len(head) - 3))
-            continue
-        st = r["stages_ms"]
-        tf = (r.get("tflops") or {}).get("sampling")
-        unet = "—" if tf is None else f"{tf:.1f} ({100 * tf / doc['matmul_tflops']:.0f}%)"
-        speed = r.get("speedup_vs_baseline")
-        lines.append("| " + " | ".join([
-            r["workload"], r["backend"], _fmt(r["e2e_ms_median"]), _fmt(r["e2e_ms_p90"]),
-            "—" if speed is None else f"{speed:.2f}×", _fmt(r["first_call_ms"], ".1f", 1e-3),
-            *(_fmt(st.get(s)) for s in ("text_encode", "image_encode", "vae_encode", "inversion", "sampling",
-                                        "region_ops", "vae_decode")),
-            _fmt(r.get("peak_mem_gb"), ".2f"), unet]) + " |")
-    return "\n".join(lines)
-
-
-# Stacked segments of the chart: (label, value from a result row).
-_SEGMENTS = (
-    ("text encode", lambda r: r["stages_ms"].get("text_encode", 0.0)),
-    ("image encode", lambda r: r["stages_ms"].get("image_encode", 0.0)),
-    ("VAE encode", lambda r: r["stages_ms"].get("vae_encode", 0.0)),
-    ("inversion", lambda r: r["stages_ms"].get("inversion", 0.0)),
-    ("sampling (networks)", lambda r: max(0.0, r["stages_ms"].get("sampling", 0.0) - r["stages_ms"].get("region_ops", 0.0))),
-    ("region ops", lambda r: r["stages_ms"].get("region_ops", 0.0)),
-    ("VAE decode", lambda r: r["stages_ms"].get("vae_decode", 0.0)),
-)
-
-
-def write_chart(doc: dict, path: Path) -> bool:
-    """Stacked per-stage bars per backend, one panel per workload; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = [r for r in doc["results"] if not r.get("error")]
-    workloads = [w for w in doc["settings"]["workloads"] if any(r["workload"] == w for r in rows)]
-    if not workloads:
-        return False
-    nb = max(sum(r["workload"] == w for r in rows) for w in workloads)
-    fig, axes = plt.subplots(len(workloads), 1, figsize=(10, 1.0 + len(workloads) * (0.45 * nb + 0.8)), squeeze=False)
-    colors = plt.get_cmap("tab10").colors
-    for ax, w in zip(axes[:, 0], workloads):
-        mine = sorted((r for r in rows if r["workload"] == w),
-                      key=lambda r: BACKENDS.index(r["backend"]) if r["backend"] in BACKENDS else 99)
-        for i, r in enumerate(mine):
-            left = 0.0
-            for k, (label, get) in enumerate(_SEGMENTS):
-                v = get(r)
-                ax.barh(i, v, left=left, color=colors[k], label=label if i == 0 else None)
-                left += v
-            other = max(0.0, r["e2e_ms_median"] - left)
-            ax.barh(i, other, left=left, color="lightgray", label="other" if i == 0 else None)
-            ax.text(r["e2e_ms_median"], i, f" {r['e2e_ms_median']:.0f} ms", va="center", fontsize=8)
-        ax.set_xlim(0, 1.15 * max(r["e2e_ms_median"] for r in mine))  # room for the labels
-        ax.set_yticks(range(len(mine)), [r["backend"] for r in mine])
-        ax.invert_yaxis()
-        ax.set_title(w, fontsize=10, loc="left")
-        ax.set_xlabel("ms (median)")
-    axes[0, 0].legend(ncol=4, fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.05))
-    fig.suptitle(f"{doc['device']} · {doc['model']} ({doc['weights']} weights) · {doc['dtype']}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def default_out(device) -> Path:

@@ -103,18 +103,20 @@ def _check_nonempty(src: np.ndarray, trg: np.ndarray, scale: float) -> tuple[np.
     return src.astype(np.int32), trg.astype(np.int32)
 
 
-def _as_image(image) -> np.ndarray:
+def as_rgb(image) -> np.ndarray:
+    """PIL image (converted to RGB) or HxWx3 uint8 array -> HxWx3 uint8 array (an array is not copied)."""
     if hasattr(image, "convert"):  # PIL image
         image = image.convert("RGB")
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"image must be an HxWx3 uint8 array or a PIL image, got {arr.shape} {arr.dtype}")
+        raise ValueError(f"image must be an HxWx3 uint8 RGB array or a PIL image, got shape {arr.shape} "
+                         f"dtype {arr.dtype}")
     return arr
 
 
 def _copy_paste(image, drag) -> np.ndarray:
     """§14.1 step 6: ``out[trg] = image[src]`` with scale-1 points, all reads before all writes."""
-    img = _as_image(image)
+    img = as_rgb(image)
     drag.validate(img.shape[0], img.shape[1])
     src, trg = drag.to_points(1.0)
     _check_in_image(src, *img.shape[:2], "the mapped source")  # e.g. a polygon map that overshoots

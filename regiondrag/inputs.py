@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .drags import PointPairs, PolygonPairs, RegionPairs, RegionPoints
+from .drags import PointPairs, PolygonPairs, RegionPairs, RegionPoints, as_rgb
 
 DRAG_TYPES = (RegionPairs, PolygonPairs, RegionPoints, PointPairs)
 
@@ -105,11 +105,7 @@ def load_image(image) -> np.ndarray:
                 image = opened.convert("RGB")
         except OSError as exc:  # not an image, truncated, unreadable
             raise ValueError(f"could not read image {str(path)!r}: {exc}") from exc
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"image must be HxWx3 uint8 RGB, got shape {arr.shape} dtype {arr.dtype}")
+    arr = as_rgb(image)
     if min(arr.shape[:2]) < 8:
         raise ValueError(f"image must be at least 8x8 pixels, got {arr.shape[1]}x{arr.shape[0]}")
     return np.array(arr, copy=True)  # never alias (or write to) the caller's array

@@ -64,6 +64,20 @@ class Components:
         return self.unet.dtype
 
 
+class RunsComponents:
+    """Base of what runs a :class:`Components` (the pipeline, the runners): their device and dtype."""
+
+    components: Components
+
+    @property
+    def device(self) -> torch.device:
+        return self.components.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.components.dtype
+
+
 def cache_root() -> Path:
     """Root of regiondrag's on-disk cache (``REGIONDRAG_CACHE`` or ``~/.cache/regiondrag``)."""
     return Path(os.environ.get("REGIONDRAG_CACHE", Path.home() / ".cache" / "regiondrag"))

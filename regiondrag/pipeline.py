@@ -26,7 +26,7 @@ from PIL import Image
 from . import schedule as sch
 from .drags import border_points
 from .inputs import EditInputs, load_image, prepare_inputs  # noqa: F401 (load_image: public here too)
-from .models import DEFAULT_MODEL, Components, load_components
+from .models import DEFAULT_MODEL, Components, RunsComponents, load_components
 from .runner import TorchRunner
 from .timing import StageTimer
 
@@ -58,7 +58,7 @@ def make_runner(backend: str, components: Components, cache_dir=None, progress=N
     return make_compiled(backend, components, cache=ArtifactCache(cache_dir), progress=progress)
 
 
-class RegionDragPipeline:
+class RegionDragPipeline(RunsComponents):
     """Region-based drag editing with Stable Diffusion 1.x (+ IP-Adapter-Plus)."""
 
     def __init__(self, components: Components, backend: str = "torch", cache_dir=None,
@@ -83,14 +83,6 @@ class RegionDragPipeline:
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         return cls(load_components(model, ip_adapter, device, dtype, config=config), backend, cache_dir,
                    build_progress)
-
-    @property
-    def device(self) -> torch.device:
-        return self.components.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.components.dtype
 
     # ------------------------------------------------------------------ the edit
     @torch.no_grad()

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 
 from .attention import install_kv_processors, self_attention_layers
-from .models import Components
+from .models import Components, RunsComponents
 from .networks import ImageEncoder, TextEncoder, UNetKV, VAEDecoder, VAEEncoder, split_ip_projection
 
 NETWORKS = ("text_encoder", "image_encoder", "vae_encoder", "vae_decoder", "unet", "unet_capture", "unet_replay")
 
 
-class TorchRunner:
+class TorchRunner(RunsComponents):
     """Eager PyTorch execution of every network (the ``torch`` backend)."""
 
     name = "torch"
@@ -44,14 +44,6 @@ class TorchRunner:
                     self.vae_decoder, self.text_encoder):
             if net is not None:
                 net.eval()
-
-    @property
-    def device(self) -> torch.device:
-        return self.components.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.components.dtype
 
     def prepare(self, height: int, width: int) -> None:
         """Called before an edit at ``height x width`` pixels (compiled backends build or load here).
