@@ -24,15 +24,12 @@ from regiondrag.kernels import attention as A
 
 SHAPES = [(4096, 320), (1024, 640), (256, 1280), (64, 1280)]  # (tokens, channels)
 HEADS = 8
-
-
-def median_ms(fn, runs: int, warmup: int) -> float:
-    return hw.median_ms(fn, torch.device("cuda"), runs, warmup)
+CUDA = torch.device("cuda")
 
 
 def matmul_ceiling_tflops() -> float:
     """The fp16 matmul rate measured as ``bench`` measures it (one figure across the benchmarks)."""
-    return hw.matmul_ceiling(torch.device("cuda"), torch.float16)["tflops"]
+    return hw.matmul_ceiling(CUDA, torch.float16)["tflops"]
 
 
 def bench_shape(tokens: int, channels: int, batch: int, runs: int, warmup: int) -> dict:
@@ -47,7 +44,7 @@ def bench_shape(tokens: int, channels: int, batch: int, runs: int, warmup: int) 
     flops = 4 * tokens * tokens * d * HEADS * batch
     row = {"tokens": tokens, "channels": channels, "head_dim": d, "heads": HEADS, "batch": batch, "flops": flops}
     for name, fn in (("triton", A.replay_attention), ("sdpa", A.sdpa_attention), ("ref", A.replay_attention_ref)):
-        ms = median_ms(lambda: fn(q, k, v), runs, warmup)
+        ms = hw.median_ms(lambda: fn(q, k, v), CUDA, runs, warmup)
         row[f"{name}_ms"] = ms
         row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
     ref = A.replay_attention_ref(q, k, v).float()
@@ -92,7 +89,7 @@ def main(argv=None) -> int:
     print(f"# replay attention, {gpu}, batch {args.batch}, fp16, {HEADS} heads, median of {args.runs} runs\n")
     print(markdown(rows, ceiling))
     out = Path(args.out) if args.out else (
-        Path(__file__).resolve().parent / "results" / f"attention-{hw.device_key(torch.device('cuda'))}.json")
+        Path(__file__).resolve().parent / "results" / f"attention-{hw.device_key(CUDA)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"gpu": gpu, "torch": torch.__version__, "triton": A.triton.__version__, "cuda": torch.version.cuda,
               "dtype": "float16", "runs": args.runs, "warmup": args.warmup, "matmul_fp16_tflops": ceiling,

@@ -19,17 +19,14 @@ import torch
 from regiondrag.engine import hardware as hw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def cuda_median_ms(fn, runs: int, warmup: int = 10) -> float:
-    return hw.median_ms(fn, torch.device("cuda"), runs, warmup)
+CUDA = torch.device("cuda")
 
 
 def copy_bandwidth_gbs(runs: int) -> float:
     """Measured device-to-device copy bandwidth (GB/s, read + write) on a 1 GiB buffer."""
     src = torch.empty(2**29, dtype=torch.float16, device="cuda")
     dst = torch.empty_like(src)
-    ms = cuda_median_ms(lambda: dst.copy_(src), max(5, runs // 20))
+    ms = hw.median_ms(lambda: dst.copy_(src), CUDA, max(5, runs // 20), 10)
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
@@ -53,7 +50,7 @@ def bench_region_ops(runs: int) -> list[dict]:
              lambda: ro.paste_blend_ref(x, hook, copy, paste, mask), moved_pb),
             ("blur", lambda: ro.blur(x, paste, noise, 0.6), lambda: ro.blur_ref(x, paste, noise, 0.6), moved_blur),
         ):
-            t_k, t_r = cuda_median_ms(fn, runs), cuda_median_ms(ref, runs)
+            t_k, t_r = hw.median_ms(fn, CUDA, runs, 10), hw.median_ms(ref, CUDA, runs, 10)
             rows.append(dict(kernel=name, points=n, triton_ms=t_k, ref_ms=t_r, speedup=t_r / t_k,
                              triton_gbs=moved / t_k / 1e6))
     return rows
@@ -85,7 +82,7 @@ def main(argv=None) -> int:
     print("\n# Replay attention (fp16, 8 heads)\n")
     print(bench_attention.markdown(attention, bench_attention.matmul_ceiling_tflops()))
     out = Path(args.out or Path(__file__).resolve().parent / "results"
-               / f"kernels-{hw.device_key(torch.device('cuda'))}.json")
+               / f"kernels-{hw.device_key(CUDA)}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(device=gpu, versions=dict(torch=torch.__version__, triton=triton.__version__),
                                    copy_bandwidth_gbs=ceiling, region_ops=rows, attention=attention), indent=1))

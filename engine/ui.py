@@ -65,7 +65,12 @@ def _error(msg: str) -> str:
     return f"⚠️ **{msg[:1].upper() + msg[1:]}**"
 
 
-_VIEW_DIR: list[str] = []
+@functools.cache
+def _view_dir() -> str:
+    """This process's folder for view files (removed at exit)."""
+    folder = tempfile.mkdtemp(prefix="regiondrag-ui-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _png(image) -> str | None:
@@ -82,13 +87,10 @@ def _png(image) -> str | None:
     from PIL import Image
 
     arr = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
-    if not _VIEW_DIR:
-        _VIEW_DIR.append(tempfile.mkdtemp(prefix="regiondrag-ui-"))
-        atexit.register(shutil.rmtree, _VIEW_DIR[0], True)
     digest = hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()[:20]
-    path = os.path.join(_VIEW_DIR[0], f"{digest}.png")
+    path = os.path.join(_view_dir(), f"{digest}.png")
     if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(dir=_VIEW_DIR[0], suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=_view_dir(), suffix=".part")
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(arr).save(f, format="png")
         os.replace(tmp, path)
@@ -249,18 +251,15 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
         example.click(load_example, None, upload).then(on_image, [upload, shape, mode], views)
 
         # ---------------------------------------------------------------- modes
-        def tab(name, with_view: bool):
-            # The clicked tab's view is sent again on selection, so the tab shows the current drawing
-            # whatever happened while it was hidden (the same file when unchanged: see _png).
-            @guard(4 if with_view else 3)
+        def tab(name):
+            @guard(3)
             def select(st):
-                view = (_view(st, name),) if with_view else ()
-                return (name, *view, *_status(st, name, f"mode: {WORDS[name]}"))
+                return (name, *_status(st, name, f"mode: {WORDS[name]}"))
             return select
 
-        tab_m.select(tab("region_pairs", False), state, [mode, prev, status])
-        tab_p.select(tab("polygon_pairs", True), state, [mode, vis_p, prev, status])
-        tab_r.select(tab("region_points", True), state, [mode, vis_r, prev, status])
+        tab_m.select(tab("region_pairs"), state, [mode, prev, status])
+        tab_p.select(tab("polygon_pairs"), state, [mode, prev, status])
+        tab_r.select(tab("region_points"), state, [mode, prev, status])
 
         out_m = [state, ed_m, prev, status]
 
