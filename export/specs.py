@@ -52,9 +52,16 @@ def kv_shapes(unet: torch.nn.Module, height: int, width: int) -> list[tuple[int,
     shapes, modules = [], dict(unet.named_modules())
     for name in self_attention_layers(unet):
         level = _resolution_level(name, len(unet.config.block_out_channels))
-        tokens = (height // 8 >> level) * (width // 8 >> level)
+        tokens = _halved(height // 8, level) * _halved(width // 8, level)
         shapes.append((tokens, modules[name].to_k.out_features))
     return shapes
+
+
+def _halved(n: int, times: int) -> int:
+    """A latent side after ``times`` stride-2 downsamplers (3x3, padding 1: odd sides round up)."""
+    for _ in range(times):
+        n = (n + 1) // 2
+    return n
 
 
 def _resolution_level(name: str, n_blocks: int) -> int:

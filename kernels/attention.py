@@ -245,6 +245,15 @@ def selected_attention(q, k, v):
     """Attention with the implementation :func:`select_attention` chose for these shapes.
 
     Meant for the replay processor on CUDA; call :func:`select_attention` for every shape beforehand
-    (the runner does in ``prepare``) so that no timing happens inside the step loop.
+    (the runner does in ``prepare``) so that no timing happens inside the step loop. While the module
+    is being exported or compiled (the compiled backends export these same modules), SDPA: a raw
+    Triton launch cannot be traced, and the compiler makes its own attention kernel.
     """
+    if _tracing():
+        return sdpa_attention(q, k, v)
     return select_attention(q.shape, k.shape, q.dtype, q.device)(q, k, v)
+
+
+def _tracing() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return torch.compiler.is_compiling() or (is_exporting is not None and is_exporting())

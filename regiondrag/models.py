@@ -157,12 +157,13 @@ def _explicit_scheduler_config(config) -> dict:
     return {k: v for k, v in dict(config).items() if k not in defaults}
 
 
-def _fingerprint(unet, image_encoder) -> str:
-    """A short content id of the weights: configs plus the first values of every UNet/encoder tensor.
+def _fingerprint(*nets) -> str:
+    """A short content id of the weights: configs plus the first values of every tensor of ``nets``
+    (None entries skipped). Every network that is compiled into a cached artifact must be among them.
 
     The UNet's parameters include the IP-Adapter's projections once it is attached.
     """
-    nets = [unet] + ([image_encoder] if image_encoder is not None else [])
+    nets = [n for n in nets if n is not None]
     configs = [dict(n.config) if hasattr(n.config, "items") else n.config.to_dict() for n in nets]
     configs = [{k: v for k, v in c.items() if not k.startswith("_")} for c in configs]  # no paths
     h = hashlib.sha256(json.dumps(configs, default=str, sort_keys=True).encode())
@@ -217,4 +218,5 @@ def load_components(model: str = DEFAULT_MODEL, ip_adapter: str | None = "defaul
         feature_extractor=pipe.feature_extractor if ip_adapter is not None else None,
         ip_adapter_scale=IP_ADAPTER_SCALE if ip_adapter is not None else None,
         source=model, random_weights=random_weights,
-        fingerprint=_fingerprint(pipe.unet, pipe.image_encoder if ip_adapter is not None else None))
+        fingerprint=_fingerprint(pipe.unet, pipe.vae, pipe.text_encoder,
+                                 pipe.image_encoder if ip_adapter is not None else None))

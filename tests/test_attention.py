@@ -306,3 +306,17 @@ def test_pipeline_replays_forward_call_s_minus_1_minus_i(loaded, monkeypatch, me
     assert replayed == [captured[S - 1 - i] for i in range(S)]
     assert len({p for call in captured for p in call}) == S * L  # distinct tensors were recorded
     assert pipe.runner.store.calls == [] and pipe.runner.store.mode == "off"  # released after each call
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (72, 40), (40, 104)], ids=["even", "odd-9x5", "odd-5x13"])
+def test_kv_shapes_match_the_captured_keys(height, width):
+    """The K/V shapes the compiled backends export (and the attention choice is made for) are the
+    ones the UNet really produces, also where a downsampler meets an odd latent side (it rounds up)."""
+    from regiondrag.export.specs import kv_shapes, make_specs
+    from regiondrag.runner import TorchRunner
+
+    comps = load_components(str(TINY), ip_adapter=str(TINY / "ip_adapter"))  # own copy: processors change
+    runner = TorchRunner(comps)
+    eps, *kv = runner.unet_capture(*make_specs(runner, height, width)["unet_capture"].sample())
+    keys = kv[:runner.num_layers]
+    assert [tuple(k.shape[1:]) for k in keys] == kv_shapes(comps.unet, height, width)

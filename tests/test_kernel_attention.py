@@ -181,6 +181,27 @@ def test_select_on_cpu_is_sdpa():
     assert len(A.CHOICES) == n
 
 
+def test_selected_attention_is_sdpa_while_exporting(monkeypatch):
+    """The compiled backends export the modules that call selected_attention: no Triton launch (nor a
+    timing run) may end up in the traced graph, whatever was chosen for eager calls."""
+    def chosen_kernel(*shapes):
+        def launch(q, k, v):
+            raise AssertionError("the selected kernel was called inside an export")
+        return launch
+
+    monkeypatch.setattr(A, "select_attention", chosen_kernel)
+
+    class Replay(torch.nn.Module):
+        def forward(self, q, k, v):
+            return A.selected_attention(q, k, v)
+
+    q, k, v, _ = _inputs(0, 1, 2, 16, 16, 8, torch.float32)
+    program = torch.export.export(Replay(), (q, k, v), strict=False)
+    torch.testing.assert_close(program.module()(q, k, v), A.sdpa_attention(q, k, v))
+    with pytest.raises(AssertionError, match="inside an export"):  # eager calls take the choice
+        Replay()(q, k, v)
+
+
 # ----------------------------------------------------------------------------- CUDA
 SD15 = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # 512x512 self-attention, 8 heads
 

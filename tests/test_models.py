@@ -65,3 +65,23 @@ def test_wrong_file_type(offline, tmp_path):
     f.write_text("x")
     with pytest.raises(ModelLoadError, match="safetensors"):
         load_components(str(f), ip_adapter=None)
+
+
+@pytest.mark.parametrize("part,file", [("vae", "diffusion_pytorch_model.safetensors"),
+                                       ("text_encoder", "model.safetensors")])
+def test_fingerprint_covers_every_compiled_network(tmp_path, part, file):
+    """Compiled artifacts of the VAE and the text encoder are keyed by the fingerprint: a model whose
+    only difference is in one of them must not reuse the other's artifacts."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "model"
+    shutil.copytree(TINY_SD15, copy)
+    weights = load_file(copy / part / file)
+    name = next(n for n, t in weights.items() if t.is_floating_point())
+    weights[name] = weights[name] + 0.5
+    save_file(weights, copy / part / file)
+    original = load_components(str(TINY_SD15), ip_adapter=None).fingerprint
+    assert load_components(str(copy), ip_adapter=None).fingerprint != original
+    assert load_components(str(TINY_SD15), ip_adapter=None).fingerprint == original
