@@ -43,13 +43,14 @@ from typing import Callable
 
 import numpy as np
 
+from .backends import BACKENDS as ENGINE_BACKENDS
 from .bench_output import markdown_table, write_chart
 from .hardware import _torch, clock, collect_versions, device_key, device_name, free, matmul_ceiling
 
 SCHEMA = "regiondrag-bench-pipeline/1"
 REPO = Path(__file__).resolve().parents[1]
 BASELINE_FILE = REPO / "benchmarks" / "baseline.py"
-BACKENDS = ("baseline", "torch", "compiled", "onnxruntime", "tensorrt")
+BACKENDS = ("baseline", *ENGINE_BACKENDS)
 STAGES = ("inputs", "text_encode", "image_encode", "vae_encode", "inversion", "sampling", "region_ops",
           "vae_decode", "postprocess")
 # Nominal TFLOP of one call at 512x512 pixels (64x64 latent) for SD-1.5 + CLIP ViT-H/14; UNet and VAE
@@ -178,7 +179,6 @@ class BenchConfig:
     workloads: list  # [Workload]
     runs: int = 10
     warmup: int = 2
-    cache_dir: str | None = None
 
 
 def nominal_tflop(w: Workload) -> dict[str, float]:
@@ -225,8 +225,7 @@ def _edit_fn(backend: str, cfg: BenchConfig, say: Say):
     from regiondrag.pipeline import RegionDragPipeline
 
     pipe = RegionDragPipeline.from_pretrained(cfg.model, ip_adapter=cfg.ip_adapter, device=cfg.device,
-                                              dtype=cfg.dtype, backend=backend, cache_dir=cfg.cache_dir,
-                                              build_progress=say)
+                                              dtype=cfg.dtype, backend=backend, build_progress=say)
 
     def edit(w: Workload, inp: Inputs):
         return pipe.edit(inp.image, inp.drag, prompt=w.prompt, method=w.method, steps=w.steps,
@@ -483,9 +482,7 @@ def config_from_args(args, say: Say) -> BenchConfig:
 
 def run_from_args(args, say: Say = lambda m: print(m, file=sys.stderr)) -> int:
     """The ``bench`` command: run, write JSON (+ chart), print the table. Exit 1 if a backend failed."""
-    if getattr(args, "cache_dir", None):
-        os.environ["REGIONDRAG_CACHE"] = str(Path(args.cache_dir).expanduser().resolve())
-    cfg = config_from_args(args, say)
+    cfg = config_from_args(args, say)  # (--cache-dir is applied by the CLI, for the model cache too)
     if cfg.device.type != "cuda":
         say(CPU_NOTE.format(model=cfg.model))
     say(f"backends {', '.join(cfg.backends)}; workloads {', '.join(w.name for w in cfg.workloads)}; "

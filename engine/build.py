@@ -5,8 +5,9 @@ from typing import Callable
 
 import torch
 
+from .backends import COMPILED_BACKENDS
+
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-COMPILED_BACKENDS = ("compiled", "onnxruntime", "tensorrt")
 
 
 def build_artifacts(model: str, backend: str, height: int, width: int, precision: str | None = None,

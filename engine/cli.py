@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from .backends import BACKENDS, COMPILED_BACKENDS
+
 EXIT_USAGE = 2
-BACKEND_CHOICES = ("torch", "compiled", "onnxruntime", "tensorrt")
 DTYPES = ("float16", "bfloat16", "float32")
 # Library defaults (ALGORITHM.md §15, the paper's evaluation settings); a drag JSON's "params"
 # override them and command-line options override both.
@@ -78,7 +79,7 @@ def _add_edit_parser(sub) -> None:
                    "(default: h94/IP-Adapter; the tiny adapter with --model tiny)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=DTYPES, help="default: float16 on CUDA, float32 on CPU")
-    p.add_argument("--backend", default="torch", choices=BACKEND_CHOICES,
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="torch (eager) or a compiled backend, built on first use and cached (default: torch)")
     p.add_argument("--cache-dir", help="cache root (default: $REGIONDRAG_CACHE or ~/.cache/regiondrag)")
     p.add_argument("--method", choices=("encode_then_cp", "cp_then_encode"),
@@ -172,7 +173,7 @@ def _add_build_parser(sub) -> None:
     p.add_argument("--model", default=None, help="as for edit (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
     p.add_argument("--config", help="for a single-file checkpoint: a diffusers dir or hub id with its configs")
     p.add_argument("--ip-adapter", default="default", help="as for edit")
-    p.add_argument("--backend", required=True, choices=BACKEND_CHOICES[1:])
+    p.add_argument("--backend", required=True, choices=COMPILED_BACKENDS)
     p.add_argument("--height", type=int, default=512, help="image height in pixels (default 512)")
     p.add_argument("--width", type=int, default=512, help="image width in pixels (default 512)")
     p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")

@@ -96,10 +96,16 @@ def matmul_ceiling(device, dtype) -> dict:
     return {"tflops": 2 * n**3 / ms / 1e9, "n": n, "dtype": str(dtype).replace("torch.", "")}
 
 
-def dist_version(*names: str) -> str | None:
+# Distribution names of the packages we report, where they differ from the import name (first found wins).
+DISTRIBUTIONS = {"triton": ("triton", "pytorch-triton"), "onnxruntime": ("onnxruntime-gpu", "onnxruntime"),
+                 "tensorrt": ("tensorrt", "tensorrt-cu12", "tensorrt_cu12", "tensorrt-cu13")}
+
+
+def package_version(package: str) -> str | None:
+    """The installed version of ``package`` (an import name), read from its metadata without importing it."""
     from importlib import metadata
 
-    for name in names:
+    for name in DISTRIBUTIONS.get(package, (package,)):
         try:
             return metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -113,10 +119,7 @@ def collect_versions(device) -> dict:
     torch = _torch()
     out = {"python": platform.python_version(), "regiondrag": regiondrag.__version__, "torch": torch.__version__,
            "cuda": torch.version.cuda, "cudnn": None, "driver": None,
-           "diffusers": dist_version("diffusers"), "transformers": dist_version("transformers"),
-           "triton": dist_version("triton", "pytorch-triton"),
-           "onnxruntime": dist_version("onnxruntime-gpu", "onnxruntime"),
-           "tensorrt": dist_version("tensorrt", "tensorrt-cu12", "tensorrt_cu12", "tensorrt-cu13")}
+           **{p: package_version(p) for p in ("diffusers", "transformers", "triton", "onnxruntime", "tensorrt")}}
     if device.type == "cuda":
         out["cudnn"] = str(torch.backends.cudnn.version())
         with contextlib.suppress(Exception):

@@ -1,15 +1,9 @@
 """``info``: versions, devices, optional backends and the on-disk cache."""
 from __future__ import annotations
 
-import importlib
 import platform
 
-
-def _version(module: str) -> str:
-    try:
-        return getattr(importlib.import_module(module), "__version__", "installed")
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return "not installed"
+from .hardware import package_version
 
 
 def _devices() -> str:
@@ -46,7 +40,7 @@ def collect_info() -> dict[str, str]:
 
     info = {"regiondrag": regiondrag.__version__, "python": platform.python_version()}
     for mod in ("torch", "diffusers", "transformers", "triton", "onnx", "onnxruntime", "tensorrt", "gradio"):
-        info[mod] = _version(mod)
+        info[mod] = package_version(mod) or "not installed"
     info["devices"] = _devices()
     cache = _cache_listing()
     info["cache"] = cache[0]

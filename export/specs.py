@@ -16,8 +16,9 @@ network                   inputs                                      outputs
 ========================  ==========================================  ===============================
 
 ``ip_tokens`` is present only with an IP-Adapter. Keys/values are ``1 x N_l x C_l`` (tokens and
-channels of self-attention layer l, in execution order). The height/width axes are dynamic in the
-ONNX graphs; TensorRT builds one static profile per resolution from :meth:`ExportSpec.shapes`.
+channels of self-attention layer l, in execution order). Each spec declares which axes could be
+dynamic (``dynamic_axes``), but the graphs are exported with static shapes, one per resolution (every
+artifact key holds the shapes); TensorRT builds one static profile from :meth:`ExportSpec.shapes`.
 """
 from __future__ import annotations
 
@@ -25,9 +26,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-
-NETWORKS = ("text_encoder", "image_encoder", "vae_encoder", "vae_decoder", "unet", "unet_capture", "unet_replay")
-UNET_NETWORKS = ("unet", "unet_capture", "unet_replay")
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ from PIL import Image
 from . import schedule as sch
 from .drags import border_points
 from .inputs import EditInputs, load_image, prepare_inputs  # noqa: F401 (load_image: public here too)
+from .engine.backends import BACKENDS
 from .models import DEFAULT_MODEL, Components, RunsComponents, load_components
 from .runner import TorchRunner
 from .timing import StageTimer
 
 VAE_SCALE = 0.18215  # the reference's constant for encode and decode, not the config's (§3.4, §12)
 METHODS = ("encode_then_cp", "cp_then_encode")
-BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")  # see regiondrag.engine.backends
 Progress = Callable[[str, int, int], None]
 
 

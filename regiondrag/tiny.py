@@ -154,7 +154,6 @@ def _write_tiny(out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- model="random-sd15"
-RANDOM_SD15 = "random-sd15"
 # The published configs of SD-1.5 (unet/, vae/, text_encoder/ of stable-diffusion-v1-5) and of the
 # IP-Adapter-Plus image encoder (h94/IP-Adapter models/image_encoder, CLIP ViT-H/14). The text encoder
 # keeps CLIP ViT-L's 49408-token embedding (its cost) but uses the byte-level tokenizer above, so its

@@ -246,3 +246,11 @@ def test_cuda_graph_replay_equals_direct_call():
         got = graphed(*new)
         for a, b in zip(want, got):
             torch.testing.assert_close(a, b)
+
+
+def test_onnxruntime_refuses_bf16_before_exporting(cache):
+    """ONNX Runtime tensors are bound with numpy element types (no bf16): refused when the runner is
+    made, before any export, naming the precisions that work."""
+    comps = load_components(str(TINY_SD15), ip_adapter=None, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 or float16 models, not bfloat16"):
+        RegionDragPipeline(comps, backend="onnxruntime", cache_dir=cache.root)

@@ -17,7 +17,8 @@ from helpers import TINY_IP, TINY_SD15  # noqa: E402
 from regiondrag.engine.backends import tensorrt as trt_backend  # noqa: E402
 from regiondrag.engine.backends.tensorrt import TensorRTRunner, build_engine  # noqa: E402
 from regiondrag.engine.cache import ArtifactCache  # noqa: E402
-from regiondrag.export.specs import NETWORKS, make_specs  # noqa: E402
+from regiondrag.export.specs import make_specs  # noqa: E402
+from regiondrag.runner import NETWORKS  # noqa: E402
 from regiondrag.runner import TorchRunner  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]

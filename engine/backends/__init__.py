@@ -14,16 +14,15 @@ tensorrt       TensorRT engines, fp16, one static profile per          TensorRT 
 """
 from __future__ import annotations
 
-from regiondrag.models import Components
-from regiondrag.runner import TorchRunner
-
+# Every backend's name, in display order (the one list the pipeline, the CLI and bench use; this
+# package imports nothing heavy at the top, so the CLI reads it cheaply).
 BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
+COMPILED_BACKENDS = BACKENDS[1:]
 
 
-def make_runner(backend: str, components: Components, cache=None, progress=None) -> TorchRunner:
-    """The runner of ``backend`` for ``components`` (artifacts in ``cache``, an ArtifactCache)."""
-    if backend == "torch":
-        return TorchRunner(components)
+def make_runner(backend: str, components, cache=None, progress=None):
+    """The runner of compiled ``backend`` for ``components`` (artifacts in ``cache``, an ArtifactCache);
+    ``torch`` is :class:`regiondrag.runner.TorchRunner` itself (see ``regiondrag.pipeline.make_runner``)."""
     if backend == "compiled":
         from .compiled import CompiledRunner
 
@@ -36,4 +35,4 @@ def make_runner(backend: str, components: Components, cache=None, progress=None)
         from .tensorrt import TensorRTRunner
 
         return TensorRTRunner(components, cache=cache, progress=progress)
-    raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    raise ValueError(f"backend {backend!r} is not one of {', '.join(COMPILED_BACKENDS)}")

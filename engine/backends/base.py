@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from regiondrag.export.specs import NETWORKS, make_specs
-from regiondrag.runner import TorchRunner
+from regiondrag.export.specs import make_specs
+from regiondrag.runner import NETWORKS, TorchRunner
 
 from ..cache import ArtifactCache, cache_key
 
@@ -21,6 +21,11 @@ def device_tag(device: torch.device) -> dict:
     import platform
 
     return {"gpu": "cpu", "sm": platform.machine()}
+
+
+def precision_of(dtype: torch.dtype) -> str:
+    """The precision name of a model dtype (in artifact keys and build settings)."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
 
 class CompiledRunnerBase(TorchRunner):
@@ -39,7 +44,7 @@ class CompiledRunnerBase(TorchRunner):
         super().__init__(components)
         self.eager = {n: getattr(self, n) for n in NETWORKS}
         self.cache = cache or ArtifactCache()
-        self.precision = precision or {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
+        self.precision = precision or precision_of(self.dtype)
         self.progress = progress or (lambda msg: None)
         self.shape = None
         self.report: list[dict] = []  # one row per network of the last prepare (for `build`)

@@ -64,9 +64,6 @@ class CompiledRunner(CompiledRunnerBase):
     name = "compiled"
     networks = ("unet_capture", "unet_replay", "vae_encoder", "vae_decoder")
 
-    def versions(self) -> dict:
-        return {"torch": torch.__version__}
-
     def build(self, network, spec, out_dir: Path) -> None:
         import torch._inductor.config as inductor
 

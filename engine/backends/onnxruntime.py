@@ -102,6 +102,10 @@ class OrtRunner(CompiledRunnerBase):
 
     def __init__(self, components, cache=None, precision=None, progress=None):
         _require_ort()
+        if components.dtype not in _NP:  # tensors are bound with a numpy element type; numpy has no bf16
+            raise ValueError(f"the onnxruntime backend runs float32 or float16 models, not "
+                             f"{str(components.dtype).replace('torch.', '')}; use --precision fp16 or fp32, "
+                             "or another backend")
         super().__init__(components, cache, precision, progress)
 
     def versions(self) -> dict:

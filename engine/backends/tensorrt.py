@@ -29,10 +29,11 @@ from typing import Callable
 import torch
 
 from regiondrag.export.onnx import export_onnx
-from regiondrag.export.specs import NETWORKS, make_specs
-from regiondrag.runner import TorchRunner
+from regiondrag.export.specs import make_specs
+from regiondrag.runner import NETWORKS, TorchRunner
 
 from ..cache import ArtifactCache, cache_key
+from .base import device_tag, precision_of
 
 log = logging.getLogger(__name__)
 
@@ -328,12 +329,13 @@ class TensorRTRunner(TorchRunner):
 
     name = "tensorrt"
 
-    def __init__(self, components, cache: ArtifactCache | None = None, precision: str = "fp16",
+    def __init__(self, components, cache: ArtifactCache | None = None, precision: str | None = None,
                  cuda_graph: bool = False, progress: Callable[[str], None] | None = None):
         self.trt_version = _trt().__version__
         _require_cuda(components.device)
-        if precision not in ("fp16", "fp32"):
-            raise ValueError(f"precision {precision!r} is not one of fp16, fp32")
+        precision = precision or precision_of(components.dtype)  # fp16 kernels only for an fp16 model
+        if precision not in ("fp16", "bf16", "fp32"):
+            raise ValueError(f"precision {precision!r} is not one of fp16, bf16, fp32")
         super().__init__(components)
         self.eager = {n: getattr(self, n) for n in NETWORKS}  # what prepare exports
         self.cache = cache if cache is not None else ArtifactCache()
@@ -352,23 +354,22 @@ class TensorRTRunner(TorchRunner):
             self.shape = (height, width)
         self.kv_pool.reset()
 
-    def _key(self, spec, props) -> str:
+    def _key(self, spec) -> str:
         return cache_key(network=spec.name, backend=self.name, format=FORMAT, trt=self.trt_version,
                          precision=self.precision, dtype=str(self.dtype), shapes=spec.shapes(),
                          inputs=spec.input_names, outputs=spec.output_names,
-                         fingerprint=self.components.fingerprint, gpu=props.name, sm=f"{props.major}{props.minor}")
+                         fingerprint=self.components.fingerprint, **device_tag(self.device))
 
     def _load(self, height: int, width: int) -> dict:
         for network, module in self.eager.items():  # make_specs and the export read the eager modules
             setattr(self, network, module)
         specs = make_specs(self, height, width)
         specs = [specs[n] for n in NETWORKS if n in specs]  # no IP-Adapter: no image_encoder
-        props = torch.cuda.get_device_properties(self.device)
-        keys = [self._key(spec, props) for spec in specs]
+        keys = [self._key(spec) for spec in specs]
         torch.cuda.current_stream(self.device).synchronize()  # nothing may still run on engines released here
         self._networks = {k: net for k, net in self._networks.items() if k in keys}  # free the old resolution's
         self.kv_pool = KVPool()
-        timing = self.cache.root / f"tensorrt-{self.trt_version}-sm{props.major}{props.minor}.timing"
+        timing = self.cache.root / f"tensorrt-{self.trt_version}-sm{device_tag(self.device)['sm']}.timing"
         loaded, self.report = {}, []
         for spec, key in zip(specs, keys):
             t0 = time.perf_counter()
@@ -392,5 +393,5 @@ class TensorRTRunner(TorchRunner):
         self.progress(f"{spec.name}: building the TensorRT engine for {height}x{width} ({self.precision}; "
                       "minutes, once) ...")
         build_engine(onnx_path, out_dir / f"{spec.name}.plan", spec.shapes(), self.precision == "fp16", timing,
-                     bf16=self.dtype == torch.bfloat16)
+                     bf16=self.precision == "bf16")
         shutil.rmtree(out_dir / "onnx")
