@@ -65,7 +65,11 @@ def main(argv=None) -> int:
         print("bench_kernels: no CUDA device here; the kernels' CPU path is their PyTorch reference, "
               "so there is nothing to time. Run this on a CUDA GPU.")
         return 0
-    import triton
+    try:
+        import triton
+    except ImportError:
+        print("bench_kernels: triton is not installed; nothing to benchmark.")
+        return 0
 
     gpu = torch.cuda.get_device_name()
     ceiling = copy_bandwidth_gbs(args.runs)

@@ -365,10 +365,10 @@ def _add_derived(rows: list[dict], latents: dict, ceiling: float, full_size: boo
 
 def run_bench(cfg: BenchConfig, say: Say = lambda m: None) -> dict:
     """Run every backend on every workload; returns the result document (see the module docstring)."""
-    from regiondrag.schedule import make_schedule
+    from regiondrag.pipeline import check_edit_params
 
-    for w in cfg.workloads:  # check the schedule parameters before loading anything
-        make_schedule(w.steps, w.start_t, w.end_t, True, {})
+    for w in cfg.workloads:  # check the parameters before loading anything
+        check_edit_params(w.method, w.steps, w.start_t, w.end_t, w.noise_scale)
     dev = cfg.device
     started = _dt.datetime.now(_dt.timezone.utc)
     say(f"measuring the {str(cfg.dtype).replace('torch.', '')} matmul ceiling on {device_name(dev)}")

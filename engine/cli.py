@@ -136,15 +136,14 @@ def cmd_edit(args) -> int:
     import torch
 
     from regiondrag.models import DEFAULT_MODEL
-    from regiondrag.pipeline import RegionDragPipeline
-    from regiondrag.schedule import make_schedule
+    from regiondrag.pipeline import RegionDragPipeline, check_edit_params
 
     image, drag, prompt, mask, params = _edit_inputs(args)
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
         raise ValueError(f"--out {args.out!r} needs an image extension (.png, .jpg, .webp, .bmp)")
     # Check the schedule parameters before spending time on loading the model.
-    make_schedule(params["steps"], params["start_t"], params["end_t"], True, {})
+    check_edit_params(params["method"], params["steps"], params["start_t"], params["end_t"], params["noise_scale"])
     model = args.model or DEFAULT_MODEL
     ip = _ip_arg(args)
     _say(f"loading {model}" + (f" + IP-Adapter {ip}" if ip not in (None, "default") else ""))

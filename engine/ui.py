@@ -352,8 +352,7 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             res = pipe.edit(st.image, drag, prompt=text, progress=report, **p)
             note = " (random weights: noise, not an edit)" if random_weights else ""
             msg = us.format_timings(res.timings) + note
-            run = dict(state=st, mode=md, drag=drag, prompt=text, params=p, result=res.image,
-                       visual=us.render(st, md), preview=drag.preview(st.image))
+            run = dict(state=st, mode=md, drag=drag, prompt=text, params=p, result=res.image)
             return _png(res.image), msg, run, _info(f"done: {msg}; Save writes it to the output folder")
 
         run_btn.click(on_run, [state, mode, prompt, *params], [result, timing, last, status])
@@ -361,14 +360,14 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
         @guard(1)
         def on_save(run, st, md, text, folder, *values):
             if run is None:  # nothing run yet: save the current inputs without a result
-                drag = us.build_drag(st, md)
-                run = dict(state=st, mode=md, drag=drag, prompt=text, params=us.edit_params(*values),
-                           result=None, visual=us.render(st, md), preview=drag.preview(st.image))
+                run = dict(state=st, mode=md, drag=us.build_drag(st, md), prompt=text,
+                           params=us.edit_params(*values), result=None)
             if not str(folder or "").strip():
                 raise ValueError("give an output folder")
             target = us.unique_folder(folder)
-            us.save_edit(target, run["state"].image, run["visual"], run["preview"], run["result"], run["drag"],
-                         run["prompt"], run["params"])
+            image = run["state"].image
+            us.save_edit(target, image, us.render(run["state"], run["mode"]), run["drag"].preview(image),
+                         run["result"], run["drag"], run["prompt"], run["params"])
             extra = "" if run["result"] is not None else " (no result yet: run first to include it)"
             return _info(f"saved to `{target}`{extra}. Replay: `{us.replay_command(target, model_name)}`")
 

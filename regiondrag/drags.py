@@ -244,7 +244,7 @@ def _turns(poly: np.ndarray) -> np.ndarray:
     return np.sign([_cross(poly[i - 1], poly[i], poly[(i + 1) % n]) for i in range(n)])
 
 
-def _check_polygon(poly: np.ndarray, what: str) -> None:
+def check_polygon(poly: np.ndarray, what: str) -> None:
     """Refuse wrong vertex counts, degenerate polygons and self-intersecting quadrilaterals."""
     if len(poly) not in (3, 4):
         raise ValueError(f"{what} has {len(poly)} vertices; only triangles (3) or quadrilaterals (4) are allowed")
@@ -287,8 +287,8 @@ class PolygonPairs:
         srcs = tuple(_as_points(p, f"source polygon {i}", integral=False) for i, p in enumerate(sources))
         trgs = tuple(_as_points(p, f"target polygon {i}", integral=False) for i, p in enumerate(targets))
         for i, (s, t) in enumerate(zip(srcs, trgs)):
-            _check_polygon(s, f"source polygon {i}")
-            _check_polygon(t, f"target polygon {i}")
+            check_polygon(s, f"source polygon {i}")
+            check_polygon(t, f"target polygon {i}")
             if len(s) != len(t):
                 raise ValueError(f"polygon pair {i}: source has {len(s)} vertices but target has {len(t)}; "
                                  "they must have the same count (3 or 4)")

@@ -36,6 +36,20 @@ METHODS = ("encode_then_cp", "cp_then_encode")
 Progress = Callable[[str, int, int], None]
 
 
+def check_edit_params(method: str, steps: int, start_t: float, end_t: float, noise_scale: float,
+                      scheduler_config=None) -> sch.Schedule:
+    """The checks :meth:`RegionDragPipeline.edit` makes on its parameters; returns the schedule.
+
+    Front ends call it without a model (``scheduler_config`` None: the default timestep grid) to refuse
+    bad settings before anything is loaded (the CLI, bench) or saved (the UI).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if not (isinstance(noise_scale, (int, float)) and noise_scale >= 0):
+        raise ValueError(f"noise_scale must be a number >= 0, got {noise_scale!r}")
+    return sch.make_schedule(steps, start_t, end_t, method == "encode_then_cp", scheduler_config or {})
+
+
 @dataclass
 class EditResult:
     """Output of :meth:`RegionDragPipeline.edit`."""
@@ -96,12 +110,8 @@ class RegionDragPipeline(RunsComponents):
         {0,1} (None = all ones). ``preview``: the image whose inversion 'cp_then_encode' copies from
         (None = ``drag.preview(image)``, as the paper's UI). See README for every parameter.
         """
-        if method not in METHODS:
-            raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
-        if not (isinstance(noise_scale, (int, float)) and noise_scale >= 0):
-            raise ValueError(f"noise_scale must be a number >= 0, got {noise_scale!r}")
+        plan = check_edit_params(method, steps, start_t, end_t, noise_scale, self.components.scheduler_config)
         sde = method == "encode_then_cp"
-        plan = sch.make_schedule(steps, start_t, end_t, sde, self.components.scheduler_config)
         timer = StageTimer(self.device)
         progress = progress or (lambda stage, i, n: None)
 

@@ -23,7 +23,9 @@ import numpy as np
 from PIL import Image
 
 from .dragfile import check_params, save_drag
-from .drags import PolygonPairs, RegionPairs, RegionPoints
+from .drags import PolygonPairs, RegionPairs, RegionPoints, check_polygon
+from .inputs import as_binary_mask
+from .pipeline import check_edit_params
 
 MODES = ("region_pairs", "polygon_pairs", "region_points")
 LONG_SIDE = 512  # the paper's UI fits the image's long side to 512 (SD-1.5)
@@ -101,9 +103,8 @@ class DragState:
 
 def new_state(image, shape: int = 4) -> DragState:
     """A fresh state for an uploaded image (fitted to the canvas), keeping the polygon shape choice."""
-    fitted = fit_image(image)
-    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-    return DragState(image=fitted, shape=shape, meta={"uploaded": arr.shape[:2]})
+    uploaded = image.size[::-1] if isinstance(image, Image.Image) else np.shape(image)[:2]
+    return DragState(image=fit_image(image), shape=shape, meta={"uploaded": tuple(uploaded)})
 
 
 def need_image(state: DragState) -> np.ndarray:
@@ -128,11 +129,7 @@ def role_of(index: int) -> str:
 # region pairs
 def add_region(state: DragState, mask) -> DragState:
     """Append a drawn mask as the next handle (even) or target (odd) region."""
-    image = need_image(state)
-    mask = (np.asarray(mask) != 0).astype(np.uint8)
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"the drawn mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-                         f"{image.shape[1]}x{image.shape[0]}")
+    mask = as_binary_mask(mask, need_image(state).shape[:2], "the drawn region")
     if not mask.any():
         raise ValueError(f"nothing drawn: paint the {role_of(len(state.masks))} region with the brush, "
                          "then click Add region")
@@ -148,25 +145,17 @@ def clear_regions(state: DragState) -> DragState:
 
 
 # polygon pairs
-def _check_polygon(vertices, what: str) -> None:
-    """Refuse a degenerate or self-intersecting polygon (the drag classes' own checks)."""
-    try:
-        PolygonPairs([vertices], [vertices])
-    except ValueError as exc:
-        raise ValueError(f"{what} refused: {str(exc).replace('source polygon 0', 'it')}") from None
-
-
 def _check_pair(n: int, vertices: tuple, k: int) -> None:
-    """Validate the polygon just completed by the last click of pair ``k``."""
-    if len(vertices) == n:
-        _check_polygon(vertices, f"handle polygon {k + 1}")
-    elif len(vertices) == 2 * n:
-        _check_polygon(vertices[n:], f"target polygon {k + 1}")
-        try:
-            PolygonPairs([vertices[:n]], [vertices[n:]])
-        except ValueError as exc:
-            raise ValueError(f"target polygon {k + 1} refused: "
-                             f"{str(exc).replace('polygon pair 0: ', '')}") from None
+    """Validate the polygon just completed by the last click of pair ``k`` (the drag classes' checks)."""
+    what = f"{'handle' if len(vertices) == n else 'target'} polygon {k + 1}"
+    try:
+        if len(vertices) == n:
+            check_polygon(np.asarray(vertices), "it")
+        elif len(vertices) == 2 * n:
+            check_polygon(np.asarray(vertices[n:]), "it")
+            PolygonPairs([vertices[:n]], [vertices[n:]])  # the pair: the same convexity
+    except ValueError as exc:
+        raise ValueError(f"{what} refused: {str(exc).replace('polygon pair 0: ', '')}") from None
 
 
 def _complete(pair) -> bool:
@@ -217,10 +206,7 @@ def set_shape(state: DragState, n: int) -> DragState:
 # region + points
 def set_region(state: DragState, mask) -> DragState:
     """The region to move (HxW, nonzero = inside); an empty mask clears it."""
-    image = need_image(state)
-    mask = (np.asarray(mask) != 0).astype(np.uint8)
-    if mask.shape != image.shape[:2]:
-        raise ValueError("the drawn region does not match the image size")
+    mask = as_binary_mask(mask, need_image(state).shape[:2], "the drawn region")
     return replace(state, region=mask if mask.any() else None)
 
 
@@ -295,14 +281,13 @@ def preview(state: DragState, mode: str) -> tuple[np.ndarray | None, str | None]
 
 
 # ------------------------------------------------------------------------------------------- drawing
-def tint(image: np.ndarray, mask: np.ndarray, color, alpha: float = ALPHA, outline: bool = True) -> np.ndarray:
-    """``image`` with ``mask`` blended towards ``color`` and its outline drawn in ``color``."""
+def tint(image: np.ndarray, mask: np.ndarray, color) -> np.ndarray:
+    """``image`` with ``mask`` blended towards ``color`` (:data:`ALPHA`) and its outline drawn in ``color``."""
     out = image.copy()
     inside = np.asarray(mask) != 0
-    out[inside] = ((1 - alpha) * image[inside] + alpha * np.asarray(color, np.float64)).astype(np.uint8)
-    if outline:
-        contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), 2)
+    out[inside] = ((1 - ALPHA) * image[inside] + ALPHA * np.asarray(color, np.float64)).astype(np.uint8)
+    contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, tuple(int(c) for c in color), 2)
     return out
 
 
@@ -362,20 +347,14 @@ def edit_params(method: str, steps, start_t, end_t, noise_scale, seed) -> dict:
                       noise_scale=float(noise_scale), seed=int(seed))
     except (TypeError, ValueError):
         raise ValueError("steps, start_t, end_t, noise scale and seed must all be numbers") from None
-    if params["method"] not in ("encode_then_cp", "cp_then_encode"):
-        raise ValueError(f"method {method!r} is not one of encode_then_cp, cp_then_encode")
-    if not 0 < params["start_t"] < 1:
-        raise ValueError(f"start_t must be in (0, 1), got {params['start_t']}")
-    if params["steps"] < 1 or params["noise_scale"] < 0:
-        raise ValueError("steps must be >= 1 and the noise scale >= 0")
+    check_edit_params(**{k: v for k, v in params.items() if k != "seed"})  # what edit would refuse
     return check_params(params)
 
 
 def format_timings(timings: dict) -> str:
     """``"Edit took 14.2 s (inversion 6.1 s, sampling 7.0 s, ...)"`` from stage -> milliseconds."""
     stages = ", ".join(f"{k} {v / 1000:.1f} s" for k, v in timings.items() if k != "total" and v >= 50)
-    total = timings.get("total", sum(timings.values()))
-    return f"Edit took {total / 1000:.1f} s" + (f" ({stages})" if stages else "")
+    return f"Edit took {timings['total'] / 1000:.1f} s" + (f" ({stages})" if stages else "")
 
 
 def unique_folder(base: str | Path) -> Path:

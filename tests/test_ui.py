@@ -101,7 +101,7 @@ def test_regions_alternate_handle_and_target(state):
 def test_add_region_refuses_empty_wrong_size_and_no_image(state):
     with pytest.raises(ValueError, match="nothing drawn: paint the handle region"):
         us.add_region(state, np.zeros((H, W)))
-    with pytest.raises(ValueError, match="the drawn mask is 10x10"):
+    with pytest.raises(ValueError, match="the drawn region: mask size 10x10"):
         us.add_region(state, np.ones((10, 10)))
     with pytest.raises(ValueError, match="upload an image first"):
         us.add_region(us.DragState(), np.ones((H, W)))
@@ -253,6 +253,8 @@ def test_edit_params_casts_and_checks():
         us.edit_params("cp_then_encode", 20, 1.0, 0.2, 0.6, 42)
     with pytest.raises(ValueError, match="numbers"):
         us.edit_params("cp_then_encode", 20, 0.5, 0.2, 0.6, None)
+    with pytest.raises(ValueError, match="steps must be an integer >= 2"):  # what edit refuses: not saved
+        us.edit_params("encode_then_cp", 1, 0.5, 0.2, 0.6, 42)
 
 
 def test_ui_defaults_are_the_papers():
