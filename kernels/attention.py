@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
 import torch
 import torch.nn.functional as F
+
+from . import triton_interpret
 
 try:  # Triton is optional: without it everything falls back to the reference.
     import triton
@@ -114,12 +115,8 @@ def _attn_fwd(q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, N, M, D, H, qk_scale,
 _KERNELS: dict[bool, object] = {}
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
 def _kernel():
-    mode = _interpret()
+    mode = triton_interpret()
     if mode not in _KERNELS:
         _KERNELS[mode] = triton.jit(_attn_fwd)  # triton reads TRITON_INTERPRET here
     return _KERNELS[mode]
@@ -127,7 +124,7 @@ def _kernel():
 
 def use_triton(t: torch.Tensor) -> bool:
     """Triton runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
-    return triton is not None and (t.is_cuda or _interpret())
+    return triton is not None and (t.is_cuda or triton_interpret())
 
 
 def _blocks(block_d: int, interpret: bool) -> tuple[int, int, int, int]:
@@ -182,7 +179,7 @@ def replay_attention(q, k, v, key_mask=None, out=None, block_m=None, block_n=Non
         return out
     k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)  # batch-1 k/v -> stride 0
     block_d = max(16, triton.next_power_of_2(D))
-    bm, bn, warps, stages = _blocks(block_d, _interpret())
+    bm, bn, warps, stages = _blocks(block_d, triton_interpret())
     bm, bn = block_m or bm, block_n or bn
     stages = 1 if q.dtype == torch.float32 else stages  # fp32 tiles: one stage, shared memory <= ~104 KiB
     if key_mask is not None:
@@ -192,7 +189,7 @@ def replay_attention(q, k, v, key_mask=None, out=None, block_m=None, block_n=Non
         mask_arg, smb = q, 0  # never read
     scale = (1.0 / math.sqrt(D)) * 1.4426950408889634  # log2(e): the kernel uses exp2
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 in: no TF32 rounding
-    upcast = _interpret() and q.dtype == torch.bfloat16
+    upcast = triton_interpret() and q.dtype == torch.bfloat16
     _kernel()[(triton.cdiv(N, bm), B * H)](
         q, k, v, out, mask_arg, N, M, D, H, scale, *q.stride(), *k.stride(), *v.stride(), smb,
         HAS_MASK=key_mask is not None, PRECISION=precision, UPCAST=upcast,
@@ -202,19 +199,6 @@ def replay_attention(q, k, v, key_mask=None, out=None, block_m=None, block_n=Non
 
 
 # ----------------------------------------------------------------------------- selection
-def _time_ms(fn, warmup=3, iters=10) -> float:
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
-
-
 def select_attention(q_shape, k_shape, dtype, device):
     """The faster of :func:`replay_attention` and :func:`sdpa_attention` for these shapes (CUDA).
 
@@ -230,9 +214,11 @@ def select_attention(q_shape, k_shape, dtype, device):
         q = torch.randn(*q_shape, generator=gen, device=device, dtype=dtype)
         k = torch.randn(*k_shape, generator=gen, device=device, dtype=dtype)
         v = torch.randn(*k_shape, generator=gen, device=device, dtype=dtype)
-        t_sdpa = _time_ms(lambda: sdpa_attention(q, k, v))
+        from regiondrag.engine.hardware import median_ms  # the benchmarks' timer (a leaf module)
+
+        t_sdpa = median_ms(lambda: sdpa_attention(q, k, v), device, runs=10, warmup=3)
         try:
-            t_triton = _time_ms(lambda: replay_attention(q, k, v))
+            t_triton = median_ms(lambda: replay_attention(q, k, v), device, runs=10, warmup=3)
         except Exception as exc:  # a shape the kernel cannot compile for must not break the engine
             log.warning("replay_attention failed for %s (%s); using SDPA", key, exc)
             t_triton = float("inf")

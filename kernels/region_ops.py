@@ -18,10 +18,11 @@ benchmarks import it). Launchers run Triton on CUDA tensors, or on CPU tensors w
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
+
+from . import triton_interpret
 
 try:  # Triton is optional: without it every launcher falls back to its reference.
     import triton
@@ -105,7 +106,7 @@ if triton is not None:
 
 def use_triton(t: torch.Tensor) -> bool:
     """Triton runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
-    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton is not None and (t.is_cuda or triton_interpret())
 
 
 def _check_latents(x: torch.Tensor, *others: torch.Tensor) -> None:
