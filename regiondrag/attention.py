@@ -8,9 +8,10 @@ path never computes the ``to_k`` / ``to_v`` projections it would throw away.
 Layers are indexed by EXECUTION order (down blocks, mid block, up blocks), not by the order of
 diffusers' ``attn_processors`` dict (down, up, mid).
 
-The store holds one ``(keys, values)`` list per UNet call. Backward call ``i`` replays forward call
-``S-1-i`` (the reference's reverse-and-pop bookkeeping, §7), which the pipeline expresses by choosing
-the call index; the processors only read ``store.active``.
+The store can hold one ``(keys, values)`` list per UNet call and replay any of them; the engine uses
+one slot at a time: :class:`regiondrag.networks.UNetKV` returns each captured call's tensors and takes
+them back as inputs to replay, and the pipeline replays forward call ``S-1-i`` at backward call ``i``
+(the reference's reverse-and-pop bookkeeping, §7). The processors only read ``store.active``.
 """
 from __future__ import annotations
 
