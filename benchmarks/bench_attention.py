@@ -1,4 +1,4 @@
-"""Benchmark of the replay-attention kernel (kernels/attention.py) against SDPA and the reference.
+"""Benchmark of the replay-attention kernel (regiondrag/kernels/attention.py) against SDPA and the reference.
 
 Shapes: SD-1.5 self-attention at 512x512 with 8 heads (tokens x channels 4096x320, 1024x640,
 256x1280, 64x1280, i.e. d = 40, 80, 160, 160), batch 1, fp16, with q/k/v in the attention processor's

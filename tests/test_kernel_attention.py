@@ -1,18 +1,16 @@
-"""The replay-attention Triton kernel (kernels/attention.py) against its PyTorch reference.
+"""The replay-attention Triton kernel (regiondrag/kernels/attention.py) against its PyTorch reference.
 
-The CPU tests run the kernel in Triton's interpreter: ``TRITON_INTERPRET=1`` is set below before
-anything imports Triton, which affects the whole pytest process (intended: every kernel test runs
-interpreted on CPU). The module reads the variable at call time, so tests can also unset it to check
-the plain-CPU fallback, and the ``gpu`` tests unset it to run the compiled kernel on CUDA.
+On a machine without CUDA, conftest sets ``TRITON_INTERPRET=1`` before anything imports Triton, and the
+CPU tests run the kernel in Triton's interpreter. On a CUDA machine the variable stays unset (an
+interpreter switched on for the whole session would also run the pipeline's and engine's GPU tests
+interpreted): the CPU tests there check the reference path, and the ``gpu`` tests the compiled kernel.
+The module reads the variable at call time, so tests can also unset it to check the plain-CPU fallback.
 """
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from regiondrag.kernels import attention as A  # noqa: E402
+from regiondrag.kernels import attention as A
+from regiondrag.kernels import triton_interpret
 
 pytestmark = pytest.mark.skipif(A.triton is None, reason="triton is not installed")
 
@@ -145,6 +143,7 @@ def test_rejects_bad_inputs():
         A.replay_attention(q, k, v, out=torch.empty(1, 1, 4, 40, dtype=torch.float16))
 
 
+@pytest.mark.skipif(not triton_interpret(), reason="the interpreter is on only without CUDA (conftest)")
 def test_interpret_uses_kernel(monkeypatch):
     calls = []
     real = A._kernel
@@ -208,7 +207,7 @@ SD15 = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # 512x512 self-attention
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """Run the compiled kernel, not the interpreter this module switched on."""
+    """Run the compiled kernel, never the interpreter."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 

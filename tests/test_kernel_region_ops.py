@@ -1,4 +1,6 @@
 """Triton region kernels against their PyTorch references (interpreted on CPU, native on CUDA)."""
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -7,11 +9,18 @@ from regiondrag.kernels import region_ops as ro
 
 pytestmark = pytest.mark.skipif(ro.triton is None, reason="triton is not installed")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-# blur vs its reference (rtol, atol): the kernel rounds once in fp32, the reference rounds each op in
-# the input dtype, so fp16 may differ by one unit in the last place.
-DTYPES = {torch.float32: (1e-6, 1e-6), torch.float16: (1e-3, 1e-3)}
+# blur vs its reference (rtol, atol). The kernel computes r*x + s*z in fp32 and rounds once to the input
+# dtype, so it is compared with the reference computed in fp32 and rounded once: fp16 may then differ by
+# one unit in the last place (rtol 2**-10). Comparing with the reference run in fp16 instead is not a
+# bound: it rounds r*x and s*z first, and where they cancel its error exceeds any fixed rtol/atol.
+DTYPES = {torch.float32: (1e-6, 1e-6), torch.float16: (2**-10, 1e-5)}
 SIZES = [(12, 16), (8, 8), (16, 16), (17, 33), (64, 64)]  # odd and block-boundary latents (hw 256)
 COUNTS = [0, 1, 7, 256, "many"]
+
+
+def _seed(*parts) -> int:
+    """A seed per parametrisation that is the same in every process (``hash`` of a str is not)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def _case(h, w, n, device, dtype, seed, mask_kind="random"):
@@ -32,7 +41,7 @@ def _case(h, w, n, device, dtype, seed, mask_kind="random"):
 @pytest.mark.parametrize("n", COUNTS)
 @pytest.mark.parametrize("mask_kind", ["random", "zeros", "ones"])
 def test_paste_blend_matches_reference(device, hw, n, mask_kind):
-    x, hook, copy, paste, mask = _case(*hw, n, device, torch.float32, seed=hash((hw, str(n), mask_kind)) % 2**31,
+    x, hook, copy, paste, mask = _case(*hw, n, device, torch.float32, seed=_seed(hw, n, mask_kind),
                                        mask_kind=mask_kind)
     expected = ro.paste_blend_ref(x.clone(), hook, copy, paste, mask)
     # Poison every element whose result does not depend on x: a NaN left there was never written.
@@ -77,9 +86,9 @@ def test_duplicate_targets_resolve_to_the_last_pair():
 @pytest.mark.parametrize("n", COUNTS)
 @pytest.mark.parametrize("noise_scale", [0.0, 0.6, 1.0, 1.2])
 def test_blur_matches_reference(device, dtype, hw, n, noise_scale):
-    x, _, _, idx, _ = _case(*hw, n, device, dtype, seed=hash((hw, str(n))) % 2**31)
+    x, _, _, idx, _ = _case(*hw, n, device, dtype, seed=_seed(hw, n))
     noise = torch.randn(4, idx.numel(), generator=torch.Generator().manual_seed(2)).to(device, dtype)
-    expected = ro.blur_ref(x.clone(), idx, noise, noise_scale)
+    expected = ro.blur_ref(x.float(), idx, noise.float(), noise_scale).to(dtype)
     out = ro.blur(x, idx, noise, noise_scale)
     assert out.data_ptr() == x.data_ptr()
     rtol, atol = DTYPES[dtype]

@@ -39,7 +39,8 @@ def collect_info() -> dict[str, str]:
     import regiondrag
 
     info = {"regiondrag": regiondrag.__version__, "python": platform.python_version()}
-    for mod in ("torch", "diffusers", "transformers", "triton", "onnx", "onnxruntime", "tensorrt", "gradio"):
+    for mod in ("torch", "diffusers", "transformers", "huggingface_hub", "kernels", "triton", "onnx", "onnxruntime",
+                "tensorrt", "gradio"):
         info[mod] = package_version(mod) or "not installed"
     info["devices"] = _devices()
     cache = _cache_listing()

@@ -23,7 +23,7 @@ import numpy as np
 from regiondrag import ui_state as us
 
 log = logging.getLogger("regiondrag.ui")
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dog.png"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dog.png"
 DEFAULT_OUT = "outputs/ui"
 BRUSH_SIZE = 24
 CSS = "#status {min-height: 2.5em} #banner {font-size: 1.05em}"

@@ -48,7 +48,7 @@ from .bench_output import markdown_table, write_chart
 from .hardware import _torch, clock, collect_versions, device_key, device_name, free, matmul_ceiling
 
 SCHEMA = "regiondrag-bench-pipeline/1"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository root (regiondrag/engine/ -> ../..)
 BASELINE_FILE = REPO / "benchmarks" / "baseline.py"
 BACKENDS = ("baseline", *ENGINE_BACKENDS)
 STAGES = ("inputs", "text_encode", "image_encode", "vae_encode", "inversion", "sampling", "region_ops",

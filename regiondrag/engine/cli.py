@@ -206,7 +206,7 @@ def cmd_info(args) -> int:
     from .info import collect_info
 
     for key, value in collect_info().items():
-        print(f"{key:<14} {value}")
+        print(f"{key:<16} {value}")
     return 0
 
 
