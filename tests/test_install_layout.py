@@ -97,3 +97,26 @@ def test_readme_edit_command_from_the_root(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert Image.open(out).size == Image.open(REPO / "examples" / "dog.png").size
     assert not re.search(r"CUDAProperties|Traceback", r.stderr)
+
+
+@pytest.mark.slow
+def test_built_wheel_holds_every_module_under_regiondrag(tmp_path):
+    """The packaging maps the whole `regiondrag/` tree (subpackages included) and nothing else."""
+    import importlib.util
+    import shutil
+    import zipfile
+
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed (needed to build the wheel without network)")
+    src = tmp_path / "src"  # a copy: the build writes build/ and *.egg-info beside the sources
+    shutil.copytree(REPO / OWN, src / OWN, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "--disable-pip-version-check", str(src), "-w", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("regiondrag-*.whl")
+    in_wheel = {n for n in zipfile.ZipFile(wheel).namelist() if n.endswith(".py")}
+    in_repo = {p.relative_to(REPO).as_posix() for p in (REPO / OWN).rglob("*.py") if "__pycache__" not in p.parts}
+    assert in_wheel == in_repo
