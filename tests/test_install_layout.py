@@ -6,12 +6,15 @@ first and broke every model load from the root. The rule is checked for every to
 `kernels`: a new dependency can bring the next clash.
 """
 import importlib.metadata
+import importlib.util
 import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,10 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 OWN = "regiondrag"  # the one importable top-level name: our own distribution's
 
 
-def from_root(code: str, env=None) -> subprocess.CompletedProcess:
+def from_root(code: str) -> subprocess.CompletedProcess:
     """`python -c CODE` from the repository root: the root is first on sys.path, as with `python -m`."""
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def top_level_names() -> list[str]:
@@ -102,10 +104,6 @@ def test_readme_edit_command_from_the_root(tmp_path):
 @pytest.mark.slow
 def test_built_wheel_holds_every_module_under_regiondrag(tmp_path):
     """The packaging maps the whole `regiondrag/` tree (subpackages included) and nothing else."""
-    import importlib.util
-    import shutil
-    import zipfile
-
     if importlib.util.find_spec("setuptools") is None:
         pytest.skip("setuptools is not installed (needed to build the wheel without network)")
     src = tmp_path / "src"  # a copy: the build writes build/ and *.egg-info beside the sources

@@ -88,7 +88,9 @@ def test_duplicate_targets_resolve_to_the_last_pair():
 def test_blur_matches_reference(device, dtype, hw, n, noise_scale):
     x, _, _, idx, _ = _case(*hw, n, device, dtype, seed=_seed(hw, n))
     noise = torch.randn(4, idx.numel(), generator=torch.Generator().manual_seed(2)).to(device, dtype)
-    expected = ro.blur_ref(x.float(), idx, noise.float(), noise_scale).to(dtype)
+    # A copy in fp32 (``x.float()`` would be ``x`` itself for fp32, and blur_ref writes in place).
+    expected = ro.blur_ref(x.to(torch.float32, copy=True), idx, noise.float(), noise_scale).to(dtype)
+    assert expected.data_ptr() != x.data_ptr()
     out = ro.blur(x, idx, noise, noise_scale)
     assert out.data_ptr() == x.data_ptr()
     rtol, atol = DTYPES[dtype]

@@ -1,4 +1,9 @@
 """Model loading: local directories, the tiny random model, clear errors for missing weights."""
+import importlib.util
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -91,16 +96,10 @@ def test_loading_does_not_print_the_torchvision_fallback_notice(tmp_path):
     """transformers >= 5 without torchvision warns that it falls back to the PIL image processor; our load
     of the feature extractor is what triggers it, and the fallback is what we use, so the load is quiet.
     In a fresh process: transformers prints the notice once per process."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: transformers uses it and prints no fallback notice")
     env = dict(os.environ, HF_HUB_OFFLINE="1", REGIONDRAG_CACHE=str(tmp_path / "cache"))
-    code = ("import logging, transformers\n"
-            "from regiondrag.models import load_components\n"
+    code = ("from regiondrag.models import load_components\n"
             f"load_components({str(TINY_SD15)!r}, ip_adapter={str(TINY_IP)!r})\n"
             "from transformers import ViTImageProcessor\n"  # outside our loading: the notice still shows
             )
