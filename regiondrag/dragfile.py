@@ -113,10 +113,17 @@ def _same_length(a: list, b: list, path: Path, fa: str, fb: str) -> None:
         raise _error(path, fb, f"has {len(b)} entries but {fa!r} has {len(a)}")
 
 
-def read_mask_png(file: str | Path) -> np.ndarray:
-    """Load a mask PNG as HxW uint8 {0,1}: convert to mode "L", nonzero -> 1."""
-    with Image.open(file) as img:
-        return (np.asarray(img.convert("L")) != 0).astype(np.uint8)
+def read_mask_png(file: str | Path, what: str = "mask") -> np.ndarray:
+    """Load a mask PNG as HxW uint8 {0,1}: convert to mode "L", nonzero -> 1. ``ValueError`` naming
+    ``what`` and the file when it is missing, a directory or not an image."""
+    path = Path(file)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} " + ("is a directory" if path.is_dir() else "does not exist"))
+    try:
+        with Image.open(path) as img:
+            return (np.asarray(img.convert("L")) != 0).astype(np.uint8)
+    except OSError as exc:
+        raise ValueError(f"could not read {what} {str(path)!r}: {exc}") from exc
 
 
 def _mask(value: Any, path: Path, field: str) -> np.ndarray:
@@ -127,9 +134,9 @@ def _mask(value: Any, path: Path, field: str) -> np.ndarray:
     if not resolved.is_file():
         raise _error(path, field, f"mask file not found: {resolved}")
     try:
-        return read_mask_png(resolved)
-    except OSError as exc:
-        raise _error(path, field, f"could not read mask image {resolved}: {exc}") from exc
+        return read_mask_png(resolved, "mask image")
+    except ValueError as exc:
+        raise _error(path, field, str(exc)) from exc
 
 
 def _polygons(value: Any, path: Path, field: str) -> list[list[tuple]]:

@@ -360,7 +360,9 @@ def _contour_pairs(contour: np.ndarray, shape, s_pts: np.ndarray, t_pts: np.ndar
     src_ref, dirs = s_pts[ref], t_pts[ref] - s_pts[ref]
     trg_contour = _idw(contour, src_ref, dirs)
     r_t_fwd = _idw(r_s, src_ref, dirs)
-    r_t = _filled_pixels(trg_contour, (max(h, trg_contour[:, 1].max() + 1), max(w, trg_contour[:, 0].max() + 1)))
+    # Filled on the image's own canvas, as the reference: OpenCV rasterises a polygon that crosses the
+    # canvas edge differently from the same polygon on a larger canvas, even inside the common part.
+    r_t = _filled_pixels(trg_contour, shape)
     src_of_r_t = _idw(r_t, r_t_fwd, r_s - r_t_fwd)
     both = np.concatenate([src_of_r_t, r_t], axis=1)
     keep = ((both >= 0) & (both < np.array([w, h, w, h]))).all(axis=1)
@@ -387,10 +389,19 @@ class RegionPoints:
         return self.mask.shape
 
     def validate(self, height: int, width: int) -> None:
-        """Raise ``ValueError`` unless the mask is ``height x width`` and every click is inside the image."""
+        """Raise ``ValueError`` unless the mask is ``height x width``, every click is inside the image and
+        every handle inside the region (its filled outline, §14.3 step 2; elsewhere it would be ignored)."""
         _check_mask_size([self.mask], height, width, "RegionPoints")
         _check_in_image(self.handles, height, width, "handles")
         _check_in_image(self.targets, height, width, "targets")
+        contours, _ = cv2.findContours(self.mask.copy(), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        filled = cv2.drawContours(np.zeros_like(self.mask), contours, -1, 1, thickness=cv2.FILLED)
+        h = self.handles.astype(np.int32)
+        outside = filled[h[:, 1], h[:, 0]] == 0
+        if outside.any():
+            k = int(np.argmax(outside))
+            raise ValueError(f"handle {k} at ({self.handles[k, 0]:g}, {self.handles[k, 1]:g}) lies outside the region "
+                             "mask, so it would move nothing; put each handle inside the region")
 
     def to_points(self, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """§14.3: per contour (OpenCV order), IDW-warp the region and map each target pixel back."""

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .drags import PointPairs, PolygonPairs, RegionPairs, RegionPoints, as_rgb
+from .params import check_image_size
 
 DRAG_TYPES = (RegionPairs, PolygonPairs, RegionPoints, PointPairs)
 
@@ -78,6 +79,7 @@ class EditInputs:
     preview: np.ndarray | None
     drag: object  # at the processing size
     latent_mask: np.ndarray  # bool h x w (§3.6)
+    latent_points: tuple[np.ndarray, np.ndarray]  # int64 N x 2 (x, y) source/target latent cells (§3.2)
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -98,6 +100,8 @@ def load_image(image) -> np.ndarray:
     """PIL image, HxWx3 uint8 array or path -> HxWx3 uint8 RGB array."""
     if isinstance(image, (str, Path)):
         path = Path(image)
+        if path.is_dir():
+            raise ValueError(f"image {str(path)!r} is a directory; pass an image file (PNG/JPEG)")
         if not path.is_file():
             raise ValueError(f"image file {str(path)!r} does not exist")
         try:
@@ -108,6 +112,7 @@ def load_image(image) -> np.ndarray:
     arr = as_rgb(image)
     if min(arr.shape[:2]) < 8:
         raise ValueError(f"image must be at least 8x8 pixels, got {arr.shape[1]}x{arr.shape[0]}")
+    check_image_size(*arr.shape[:2])
     return np.array(arr, copy=True)  # never alias (or write to) the caller's array
 
 
@@ -134,4 +139,15 @@ def prepare_inputs(image, drag, mask, preview, need_preview: bool) -> EditInputs
         image_p, mask_p = original, full_mask
     m = torch.from_numpy(mask_p)[None, None]
     latent_mask = F.interpolate(m, size=(phw[0] // 8, phw[1] // 8), mode="nearest")[0, 0].numpy().astype(bool)
-    return EditInputs(original, full_mask, image_p, preview, drag, latent_mask)
+    return EditInputs(original, full_mask, image_p, preview, drag, latent_mask, latent_points(drag, phw))
+
+
+def latent_points(drag, hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The drag's §3.2 source/target points on the latent grid of an ``hw`` image (int64 N x 2), checked
+    to lie on that grid."""
+    h, w = hw[0] // 8, hw[1] // 8
+    src, trg = (p.astype(np.int64) for p in drag.to_points(1 / 8))
+    for name, p in (("source", src), ("target", trg)):
+        if p.size == 0 or p[:, 0].min() < 0 or p[:, 1].min() < 0 or p[:, 0].max() >= w or p[:, 1].max() >= h:
+            raise ValueError(f"{name} points fall outside the {w}x{h} latent grid of the image")
+    return src, trg

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("REGIONDRAG_CACHE", Path.home() / ".cache" / "regiondrag"))
 
 
-def _not_found(what: str, name: str, exc: Exception) -> ModelLoadError:
+def _not_found(what: str, name: str, exc: Exception, instead: str) -> ModelLoadError:
     return ModelLoadError(
         f"could not load {what} {name!r} (no network, an unknown hub id, or a path that does not exist: "
-        f"{type(exc).__name__}); pass a local diffusers directory, a .safetensors checkpoint, "
-        f"or 'tiny' for a random-weight test model")
+        f"{type(exc).__name__}); {instead}")
+
+
+MODEL_INSTEAD = "pass a local diffusers directory, a .safetensors checkpoint, or 'tiny' for a random-weight test model"
+IP_INSTEAD = "pass a local directory laid out like h94/IP-Adapter, or 'none' to edit without the IP-Adapter"
 
 
 def _dtype_kwarg() -> str:
@@ -123,7 +127,7 @@ def _load_sd_pipeline(model: str, config: str | None, dtype: torch.dtype):
     except ModelLoadError:
         raise
     except (OSError, ValueError, EnvironmentError) as exc:
-        raise _not_found("model", model, exc) from exc
+        raise _not_found("model", model, exc, MODEL_INSTEAD) from exc
 
 
 def _attach_ip_adapter(pipe, ip_adapter: str) -> None:
@@ -144,7 +148,7 @@ def _attach_ip_adapter(pipe, ip_adapter: str) -> None:
             break
         except (OSError, ValueError, EnvironmentError) as exc:
             if i == len(names) - 1:
-                raise _not_found("IP-Adapter", ip_adapter, exc) from exc
+                raise _not_found("IP-Adapter", ip_adapter, exc, IP_INSTEAD) from exc
     pipe.set_ip_adapter_scale(IP_ADAPTER_SCALE)
 
 
@@ -187,13 +191,28 @@ class _DropTorchvisionFallback(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_library_notices():
-    """Only while our loading code runs: the filter above on the transformers logger that emits it."""
+    """Only while our loading code runs: what diffusers and transformers print about a load we make
+    (their progress bars, "accelerate is not installed", "modules kept in float32", a float16 pipeline
+    that "cannot run with cpu device" before we move it) is silenced, errors still raise; the filter
+    above on the logger that emits the torchvision notice. Their settings are restored afterwards."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
     logger, drop = logging.getLogger("transformers.utils.import_utils"), _DropTorchvisionFallback()
+    saved = [(lib, lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in (dlog, tlog)]
     logger.addFilter(drop)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecations inside the libraries' own calls
+            for lib, _, _ in saved:
+                lib.set_verbosity_error()
+                lib.disable_progress_bar()
+            yield
     finally:
         logger.removeFilter(drop)
+        for lib, level, bars in saved:
+            lib.set_verbosity(level)
+            (lib.enable_progress_bar if bars else lib.disable_progress_bar)()
 
 
 def load_components(model: str = DEFAULT_MODEL, ip_adapter: str | None = "default", device: str = "cpu",

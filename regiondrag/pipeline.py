@@ -26,18 +26,19 @@ from PIL import Image
 from . import schedule as sch
 from .drags import border_points
 from .inputs import EditInputs, load_image, prepare_inputs  # noqa: F401 (load_image: public here too)
+from .params import NOISE_SCALE_MAX, check_prompt, check_seed, real, resolve_device
 from .engine.backends import BACKENDS
 from .models import DEFAULT_MODEL, Components, RunsComponents, load_components
+from .progress import Progress, StageBars
 from .runner import TorchRunner
 from .timing import StageTimer
 
 VAE_SCALE = 0.18215  # the reference's constant for encode and decode, not the config's (§3.4, §12)
 METHODS = ("encode_then_cp", "cp_then_encode")
-Progress = Callable[[str, int, int], None]
 
 
-def check_edit_params(method: str, steps: int, start_t: float, end_t: float, noise_scale: float,
-                      scheduler_config=None) -> sch.Schedule:
+def check_edit_params(method: str = "encode_then_cp", steps: int = 20, start_t: float = 0.5, end_t: float = 0.2,
+                      noise_scale: float = 1.0, scheduler_config=None, seed=42, prompt="") -> sch.Schedule:
     """The checks :meth:`RegionDragPipeline.edit` makes on its parameters; returns the schedule.
 
     Front ends call it without a model (``scheduler_config`` None: the default timestep grid) to refuse
@@ -45,9 +46,18 @@ def check_edit_params(method: str, steps: int, start_t: float, end_t: float, noi
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
-    if not (isinstance(noise_scale, (int, float)) and noise_scale >= 0):
-        raise ValueError(f"noise_scale must be a number >= 0, got {noise_scale!r}")
+    real("noise_scale", noise_scale, 0.0, NOISE_SCALE_MAX)
+    check_seed(seed)
+    check_prompt(prompt)
     return sch.make_schedule(steps, start_t, end_t, method == "encode_then_cp", scheduler_config or {})
+
+
+def check_edit(image, drag, mask=None, preview=None, **params) -> EditInputs:
+    """Every check :meth:`RegionDragPipeline.edit` makes that needs no model: the parameters (as
+    :func:`check_edit_params`), then the image, the drag at pixel and latent scale, the editing mask
+    and the preview. Front ends call it before loading a model; returns the prepared inputs."""
+    check_edit_params(**params)
+    return prepare_inputs(image, drag, mask, preview, need_preview=params.get("method") == "cp_then_encode")
 
 
 @dataclass
@@ -57,6 +67,7 @@ class EditResult:
     image: Image.Image  # same size as the input image
     latent: torch.Tensor  # 1 x 4 x h x w, the final latent before decoding
     timings: dict[str, float] = field(default_factory=dict)  # stage -> milliseconds
+    seed: int | None = None  # the seed the draws came from (None when a generator was passed)
 
 
 def make_runner(backend: str, components: Components, cache_dir=None, progress=None) -> TorchRunner:
@@ -93,34 +104,61 @@ class RegionDragPipeline(RunsComponents):
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not available; allowed: {', '.join(BACKENDS)}")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         return cls(load_components(model, ip_adapter, device, dtype, config=config), backend, cache_dir,
                    build_progress)
 
+    def set_progress_bar_config(self, **kwargs) -> None:
+        """Configure the edit's progress bars as in diffusers: ``disable=True`` turns them off; other
+        keys (``file``, ``leave``, ``ncols``, ...) go to ``tqdm``. Bars are on by default."""
+        self._bar_config = dict(kwargs)
+
+    def _progress_bars(self, callback: Progress | None) -> StageBars:
+        return StageBars(callback, getattr(self, "_bar_config", None))
+
+    def _generator(self, seed, generator: torch.Generator | None) -> tuple[torch.Generator, int | None]:
+        """The edit's one generator (§13): ``generator`` as given, else a new one seeded with ``seed``."""
+        if generator is None:
+            seed = check_seed(seed)
+            return torch.Generator(self.device).manual_seed(seed), seed
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != self.device.type:
+            raise ValueError(f"generator is on {generator.device} but the pipeline runs on {self.device}; "
+                             f"create it with torch.Generator({str(self.device)!r})")
+        return generator, None
+
     # ------------------------------------------------------------------ the edit
     @torch.no_grad()
     def edit(self, image, drag, prompt: str = "", method: str = "encode_then_cp", steps: int = 20,
-             start_t: float = 0.5, end_t: float = 0.2, noise_scale: float = 1.0, seed: int = 42,
-             mask=None, preview=None, progress: Progress | None = None) -> EditResult:
+             start_t: float = 0.5, end_t: float = 0.2, noise_scale: float = 1.0, seed: int | None = 42,
+             mask=None, preview=None, progress: Progress | None = None,
+             generator: torch.Generator | None = None) -> EditResult:
         """Move the content of each handle region of ``drag`` to its target region.
 
         ``image``: PIL image, HxWx3 uint8 array or path. ``drag``: RegionPairs, PolygonPairs,
         RegionPoints or PointPairs in the image's pixel coordinates. ``mask``: HxW editing mask in
         {0,1} (None = all ones). ``preview``: the image whose inversion 'cp_then_encode' copies from
-        (None = ``drag.preview(image)``, as the paper's UI). See README for every parameter.
+        (None = ``drag.preview(image)``, as the paper's UI). ``seed`` None draws a random seed (returned
+        in the result); ``generator``, a ``torch.Generator`` on the pipeline's device, replaces ``seed``
+        (the draws advance it). ``prompt`` None is the empty prompt. ``progress(stage, i, n)`` is called
+        at each step, besides the progress bar (:meth:`set_progress_bar_config`). See README for every
+        parameter.
         """
-        plan = check_edit_params(method, steps, start_t, end_t, noise_scale, self.components.scheduler_config)
+        plan = check_edit_params(method, steps, start_t, end_t, noise_scale, self.components.scheduler_config,
+                                 seed, prompt)
+        prompt = check_prompt(prompt)
+        gen, seed = self._generator(seed, generator)
         sde = method == "encode_then_cp"
         timer = StageTimer(self.device)
-        progress = progress or (lambda stage, i, n: None)
+        progress = self._progress_bars(progress)
 
         # 1. inputs at the processing size, point lists as device index tensors
         with timer("inputs"):
             inp = prepare_inputs(image, drag, mask, preview, need_preview=not sde)
             pts = self._point_lists(inp, sde)
             self.runner.prepare(*inp.image.shape[:2])
-        gen = torch.Generator(self.device).manual_seed(int(seed))
         # 2. conditioning
         with timer("text_encode"):
             cond = self._encode_text(prompt)
@@ -139,7 +177,7 @@ class RegionDragPipeline(RunsComponents):
                 hooks, noises = self._invert_sde(plan, z0, gen, unet.capture(kv), progress)
                 start = None
             else:
-                hooks = self._invert_ode(plan, z0_prev, unet.plain, progress)
+                hooks = self._invert_ode(plan, z0_prev, unet.plain, progress, "inversion (preview)")
                 start = self._invert_ode(plan, z0, unet.capture(kv), progress)[-1]
                 noises = None
         # 5. sampling
@@ -152,7 +190,8 @@ class RegionDragPipeline(RunsComponents):
             decoded = self.runner.vae_decoder(latent / VAE_SCALE)
         with timer("postprocess"):
             out = inp.postprocess(decoded)
-        return EditResult(image=Image.fromarray(out), latent=latent, timings=timer.finish())
+        progress.close()
+        return EditResult(image=Image.fromarray(out), latent=latent, timings=timer.finish(), seed=seed)
 
     # ------------------------------------------------------------------ stages
     def _point_lists(self, inp: EditInputs, sde: bool) -> dict:
@@ -160,11 +199,7 @@ class RegionDragPipeline(RunsComponents):
         from regiondrag.kernels.region_ops import last_unique
 
         h, w = inp.latent_hw
-        src, trg = inp.drag.to_points(1 / 8)
-        src, trg = src.astype(np.int64), trg.astype(np.int64)
-        for name, p in (("source", src), ("target", trg)):
-            if p.size == 0 or p[:, 0].min() < 0 or p[:, 1].min() < 0 or p[:, 0].max() >= w or p[:, 1].max() >= h:
-                raise ValueError(f"{name} points fall outside the {w}x{h} latent grid of the image")
+        src, trg = inp.latent_points
         copy_pts, paste_pts = (src, trg) if sde else (trg, trg)
         # QUIRK (§3.3): CPTE also blurs the outline VERTICES of the target (CHAIN_APPROX_SIMPLE); they are
         # overwritten by the first copy-paste but consume random draws.
@@ -224,11 +259,11 @@ class RegionDragPipeline(RunsComponents):
             noises.append(n)
         return hooks, noises
 
-    def _invert_ode(self, plan: sch.Schedule, z0, eps, progress):
+    def _invert_ode(self, plan: sch.Schedule, z0, eps, progress, stage: str = "inversion"):
         """§5 ODE (DDIM) inversion over F; returns the S+1 latents."""
         hooks, x = [z0], z0
         for j, c in enumerate(plan.forward):
-            progress("inversion", j, plan.num_steps)
+            progress(stage, j, plan.num_steps)
             x = sch.forward_ode_step(c, x, eps)
             hooks.append(x)
         return hooks

@@ -10,12 +10,13 @@ step loop as Python floats (exactly the float32 values), so the loop never reads
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
+
+from .params import integer, real
 
 _SPACINGS = ("linspace", "leading", "trailing")
 
@@ -106,13 +107,12 @@ class Schedule:
 def make_schedule(steps: int, start_t: float, end_t: float, sde: bool, config: Mapping,
                   alphas_cumprod: torch.Tensor | None = None) -> Schedule:
     """Build the timestep lists and every step's coefficients for one edit."""
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
-        raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
-    steps = int(steps)
-    if not 0.0 < start_t < 1.0:
-        raise ValueError(f"start_t must lie in (0, 1), got {start_t!r}")
-    if not 0.0 <= end_t <= 1.0:
-        raise ValueError(f"end_t must lie in [0, 1], got {end_t!r}")
+    n_levels = int(config.get("num_train_timesteps", 1000))
+    # Bounded by the schedule's levels before anything is allocated: a grid of more steps than levels
+    # repeats timesteps (and 10**9 steps would not fit in memory).
+    steps = integer("steps", steps, 2, n_levels)
+    start_t = real("start_t", start_t, 0.0, 1.0, lo_open=True, hi_open=True)
+    end_t = real("end_t", end_t, 0.0, 1.0)
     s = int(start_t * steps)  # truncation, as the reference
     e = int(end_t * steps)
     if not 1 <= s <= steps - 1:
@@ -120,7 +120,10 @@ def make_schedule(steps: int, start_t: float, end_t: float, sde: bool, config: M
                          f"raise start_t or steps")
     ac = alphas_cumprod_from_config(config) if alphas_cumprod is None else alphas_cumprod.to(torch.float32)
     grid = timestep_grid(steps, config)
-    delta = int(config.get("num_train_timesteps", 1000)) // steps
+    if (np.diff(grid) >= 0).any():
+        raise ValueError(f"steps={steps} repeats timesteps on this scheduler's {n_levels}-level grid "
+                         f"({config.get('timestep_spacing', 'linspace')} spacing); use fewer steps")
+    delta = n_levels // steps
     fwd_t = tuple(int(t) for t in grid[steps - s:steps][::-1])
     bwd_t = tuple(int(t) for t in grid[steps - s - 1:steps - 1])
     # QUIRK (§9b): E is a step count compared with a timestep value; with the defaults it never

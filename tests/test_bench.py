@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import regiondrag as rd
+from regiondrag.engine import bench
 from helpers import METHOD_NAMES, TINY_IP, TINY_SD15, TOLERANCES, golden_case, reference_components
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +75,11 @@ def test_bench_command_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "not GPU figures" in r.stdout and "not GPU figures" in r.stderr
     assert "| workload | backend | e2e median ms |" in r.stdout
+    assert "[2/2] baseline 128x128 4 steps done" in r.stderr  # progress per measurement
+    table = out.with_suffix(".md").read_text()  # the Markdown table file README promises
+    assert "| workload | backend | e2e median ms |" in table and "| 128x128 4 steps | torch |" in table
     doc = json.loads(out.read_text())
+    assert doc["complete"] is True and doc["smoke"] is True  # on the CPU without --full
     assert doc["device_type"] == "cpu" and doc["device"].startswith("CPU")
     assert doc["weights"] == "random" and doc["model"] == "tiny" and doc["full_size"] is False
     assert {"torch", "diffusers", "transformers", "python"} <= set(doc["versions"])
@@ -81,7 +87,8 @@ def test_bench_command_on_cpu(tmp_path):
     rows = {r["backend"]: r for r in doc["results"]}
     assert set(rows) == {"torch", "baseline"}
     for row in rows.values():
-        assert row["error"] is None and row["workload"] == "default" and (row["width"], row["height"]) == (128, 128)
+        # Named by what ran (the "default" workload at another size and step count).
+        assert row["error"] is None and row["workload"] == "128x128 4 steps" and (row["width"], row["height"]) == (128, 128)
         assert row["e2e_ms_median"] > 0 and row["e2e_ms_p90"] >= row["e2e_ms_median"]
         assert row["first_call_ms"] >= row["load_ms"] > 0 and len(row["e2e_ms_runs"]) == 2
         assert {"text_encode", "image_encode", "vae_encode", "inversion", "sampling", "region_ops",
@@ -92,7 +99,7 @@ def test_bench_command_on_cpu(tmp_path):
     assert rows["baseline"]["ratio_to_baseline"] == 1.0
     assert rows["torch"]["ratio_to_baseline"] == pytest.approx(
         rows["torch"]["e2e_ms_median"] / rows["baseline"]["e2e_ms_median"])
-    assert doc["ratio_to_baseline"]["torch"]["default"] == rows["torch"]["ratio_to_baseline"]
+    assert doc["ratio_to_baseline"]["torch"]["128x128 4 steps"] == rows["torch"]["ratio_to_baseline"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert doc["chart"] == "bench.png" and out.with_suffix(".png").stat().st_size > 0
     else:
@@ -105,7 +112,11 @@ def test_bench_command_on_cpu(tmp_path):
     (["--backends", "tensorrt", "--device", "cpu"], "TensorRT needs a CUDA device"),
     (["--workloads", "huge"], "allowed values"),
     (["--size", "100x7"], "multiples of 8"),
-    (["--runs", "0"], ">= 1"),
+    (["--runs", "0"], "--runs must be an integer in [1, 1000]"),
+    (["--steps", "5000"], "steps must be an integer in [2, 1000]"),
+    (["--size", "4096x4096"], "from 64 to 2048"),
+    (["--out", "README.md/x.json"], "cannot be written"),
+    (["--device", "cuda:7"], "device 'cuda:7'"),
 ])
 def test_bench_bad_options_fail_before_loading(capsys, args, match):
     from regiondrag.engine.cli import main
@@ -177,3 +188,42 @@ def test_random_sd15_is_the_full_size_architecture():
     assert ip["image_proj.layers.0.0.to_q.weight"].shape == (768, 768)  # 12 heads of 64
     assert len([k for k in ip if k.startswith("image_proj.layers.") and k.endswith("0.to_q.weight")]) == 4
     assert len([k for k in ip if k.endswith("to_k_ip.weight")]) == 16
+
+
+def _bench_args(*argv):
+    from regiondrag.engine.cli import build_parser
+
+    return build_parser().parse_args(["bench", *argv])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default")
+def test_cpu_default_is_a_labelled_smoke_run():
+    from regiondrag.engine.bench import SMOKE, config_from_args
+
+    cfg = config_from_args(_bench_args(), lambda m: None)
+    assert cfg.smoke and cfg.model == "tiny" and (cfg.runs, cfg.warmup) == (SMOKE["runs"], SMOKE["warmup"])
+    assert [(w.name, w.width, w.height, w.method) for w in cfg.workloads] == [
+        ("256x256", 256, 256, "encode_then_cp"), ("256x256 cp_then_encode", 256, 256, "cp_then_encode")]
+    full = config_from_args(_bench_args("--full"), lambda m: None)
+    assert not full.smoke and full.runs == 10 and [w.name for w in full.workloads] == list(bench.WORKLOADS)
+    # Overridden sizes collapse workloads that became the same edit, each named by what runs.
+    sized = config_from_args(_bench_args("--full", "--size", "128x64", "--steps", "10"), lambda m: None)
+    assert [w.name for w in sized.workloads] == ["128x64 10 steps", "128x64 cp_then_encode 10 steps"]
+
+
+def test_results_are_written_after_each_measurement(tmp_path):
+    """An interrupted run keeps what it measured: the document is handed over after every row."""
+    from regiondrag.engine.bench import BenchConfig, run_bench
+
+    w = replace(bench.WORKLOADS["default"], name="tiny64", width=64, height=64, steps=4)
+    cfg = BenchConfig(model="tiny", ip_adapter=None, device=torch.device("cpu"), dtype=torch.float32,
+                      backends=["torch", "baseline"], workloads=[w, replace(w, name="tiny64b", seed=1)],
+                      runs=1, warmup=1)
+    seen, said = [], []
+    final = run_bench(cfg, said.append, on_update=seen.append)
+    assert [len(d["results"]) for d in seen] == [1, 2, 3, 4]
+    assert all(d["complete"] is False and any("INCOMPLETE" in n for n in d["notes"]) for d in seen)
+    assert final["complete"] is True and not any("INCOMPLETE" in n for n in final["notes"])
+    assert [m.split(" done")[0] for m in said if m.startswith("[")] == [
+        "[1/4] torch tiny64", "[2/4] torch tiny64b", "[3/4] baseline tiny64", "[4/4] baseline tiny64b"]
+    assert "left" in [m for m in said if m.startswith("[1/4]")][0]

@@ -7,12 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+import regiondrag as rd
 
 from helpers import FIXTURES
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = FIXTURES / "dragbench-animals"
+NO_MODEL = ["--model", "/no/such/model"]  # loading it fails: an error about anything else came first
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,23 @@ def test_edit_image_and_drag_json(env, tmp_path):
       "--model", "/no/such/model"], "neither an existing path nor a hub id"),
     (["--image", "examples/dog.png", "--drag", "examples/drag_region_pairs.json", "--out", "x.png",
       "--model", "tiny", "--start-t", "2"], "start_t"),
+    # Refused before loading: the model path does not exist, yet the error is about the input.
+    (["--image", "examples", "--drag", "examples/drag_region_pairs.json", "--out", "x.png", *NO_MODEL],
+     "'examples' is a directory"),
+    (["--image", "examples/dog.png", "--drag", "examples/drag_region_pairs.json", "--out", "x.png",
+      "--mask", "no-such-mask.png", *NO_MODEL], "--mask editing mask 'no-such-mask.png' does not exist"),
+    (["--image", "examples/dog.png", "--drag", "examples/drag_region_pairs.json", "--out", "x.png",
+      "--noise-scale", "inf", *NO_MODEL], "noise_scale must be a finite number"),
+    (["--image", "examples/dog.png", "--drag", "examples/drag_region_pairs.json", "--out", "x.png",
+      "--steps", "1000000000", *NO_MODEL], "steps must be an integer in [2, 1000]"),
+    (["--image", "examples/dog.png", "--drag", "examples/drag_region_pairs.json", "--out", "x.png",
+      "--seed", str(2**64), *NO_MODEL], "seed must be an integer"),
+    (["--image", "examples/dog.png", "--drag", "examples/drag_region_pairs.json", "--out", "README.md/x.png",
+      *NO_MODEL], "--out 'README.md/x.png' cannot be written"),
+    (["--image", "examples/dog.png", "--drag", "examples/drag_region_pairs.json", "--out", "x.txt",
+      *NO_MODEL], "--out 'x.txt' needs one of the extensions"),
+    (["--image", "examples/dog.png", "--drag", "examples/drag_region_pairs.json", "--out", "x.png",
+      "--model", "tiny", "--ip-adapter", "/no/such/adapter"], "or 'none' to edit without the IP-Adapter"),
 ])
 def test_errors_are_one_line_and_nonzero(env, args, match):
     r = run(env, "edit", *args)
@@ -64,6 +85,41 @@ def test_errors_are_one_line_and_nonzero(env, args, match):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and match in last
     assert "Traceback" not in r.stderr
+
+
+def test_handle_outside_its_region_is_refused_before_loading(env, tmp_path):
+    from regiondrag.dragfile import save_drag
+
+    region = np.zeros((512, 512), np.uint8)
+    region[100:200, 100:200] = 1
+    drag = save_drag(rd.RegionPoints(region, [(150, 150), (300, 300)], [(180, 150), (320, 300)]),
+                     tmp_path / "drag.json")
+    r = run(env, "edit", "--image", "examples/dog.png", "--drag", str(drag), "--out", str(tmp_path / "o.png"),
+            *NO_MODEL)
+    assert r.returncode == 2 and "error: handle 1 at (300, 300) lies outside the region" in r.stderr
+    assert "loading" not in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_cuda_device_without_cuda(env, tmp_path):
+    r = run(env, "edit", "--image", "examples/dog.png", "--drag", "examples/drag_region_pairs.json",
+            "--out", str(tmp_path / "o.png"), "--device", "cuda", *NO_MODEL)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: device 'cuda': CUDA is not available")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_refused_before_loading(env, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        r = run(env, "edit", "--image", "examples/dog.png", "--drag", "examples/drag_region_pairs.json",
+                "--out", str(ro / "o.png"), *NO_MODEL)
+    finally:
+        ro.chmod(0o700)
+    assert r.returncode == 2 and "cannot be written: Permission denied" in r.stderr
+    assert "Traceback" not in r.stderr and not list(ro.iterdir())
 
 
 def test_bad_drag_json_names_the_problem(env, tmp_path):
@@ -100,5 +156,5 @@ def test_build_then_edit_with_onnxruntime(env, tmp_path):
     r = run(env, "edit", "--image", str(tmp_path / "img.png"), "--drag", str(drag_json), "--out", str(out),
             "--model", "tiny", "--backend", "onnxruntime", "--steps", "10", *cache)
     assert r.returncode == 0, r.stderr
-    assert "building" not in r.stderr  # every artifact came from the cache
+    assert "building" not in r.stderr and "0 built" in r.stderr  # every artifact came from the cache
     assert Image.open(out).size == (128, 128)

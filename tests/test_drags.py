@@ -209,3 +209,58 @@ def test_region_vanishing_at_latent_scale_raises():
 def test_bad_scale_raises():
     with pytest.raises(ValueError, match="scale"):
         PointPairs([[0, 0]], [[1, 1]]).to_points(0)
+
+
+def _region_points_oracle(mask, handles, targets, scale):
+    """§14.3 written out step by step from ALGORITHM.md, every mask drawn on the resized image's canvas
+    (cv2.drawContours, FILLED), independently of regiondrag.drags except for its float16 IDW."""
+    import cv2
+
+    from regiondrag.drags import _idw
+
+    h, w = int(mask.shape[0] * scale), int(mask.shape[1] * scale)
+    region = cv2.resize(mask, (w, h))
+    s = (np.asarray(handles, np.float64) * scale).astype(np.int32).astype(np.int64)
+    t = (np.asarray(targets, np.float64) * scale).astype(np.int32).astype(np.int64)
+
+    def filled(contour):
+        canvas = np.zeros((h, w), np.uint8)
+        cv2.drawContours(canvas, [contour.reshape(-1, 1, 2).astype(np.int32)], -1, 255, thickness=cv2.FILLED)
+        ys, xs = np.nonzero(canvas)
+        return np.stack([xs, ys], 1).astype(np.int64)
+
+    out_s, out_t = [], []
+    for c in cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]:
+        c = c[:, 0, :].astype(np.int64)
+        r_s = filled(c)
+        ref = (s[:, None] == r_s[None]).all(axis=2).any(axis=1)
+        if not ref.any():
+            continue
+        fwd = _idw(r_s, s[ref], t[ref] - s[ref])
+        r_t = filled(_idw(c, s[ref], t[ref] - s[ref]))
+        back = _idw(r_t, fwd, r_s - fwd)
+        keep = ((back >= 0) & (back < (w, h))).all(1) & ((r_t >= 0) & (r_t < (w, h))).all(1)
+        out_s.append(back[keep])
+        out_t.append(r_t[keep])
+    return np.concatenate(out_s), np.concatenate(out_t)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("scale", [1.0, 1 / 8])
+def test_region_points_near_the_border_match_the_spec(seed, scale):
+    """Clicks near the right and bottom edges with targets that leave the image: the target polygon crosses
+    the canvas edge, where OpenCV's fill depends on the canvas size (the reference uses the image's)."""
+    rng = np.random.default_rng(seed)
+    h, w = 160, 200
+    mask = np.zeros((h, w), np.uint8)
+    x0, y0 = int(rng.integers(100, 140)), int(rng.integers(60, 100))
+    mask[y0:y0 + 50, x0:x0 + 55] = 1
+    mask[y0 + 10:y0 + 30, x0 - 20:x0] = 1  # not a plain rectangle
+    handles = [(x0 + 5 + 15 * k, y0 + 8 + 12 * k) for k in range(3)]
+    targets = [(min(w - 1, hx + int(rng.integers(30, 80))), min(h - 1, hy + int(rng.integers(0, 40))))
+               for hx, hy in handles]
+    got = RegionPoints(mask, handles, targets).to_points(scale)
+    want = _region_points_oracle(mask, handles, targets, scale)
+    assert got[1].shape == want[1].shape
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])

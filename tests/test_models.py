@@ -107,3 +107,18 @@ def test_loading_does_not_print_the_torchvision_fallback_notice(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "CLIPImageProcessor` requires torchvision" not in r.stderr
     assert "ViTImageProcessor` requires torchvision" in r.stderr  # the filter is scoped to our loads
+
+
+def test_loading_prints_nothing_and_restores_library_settings(capfd):
+    """Our loads silence what diffusers/transformers print about them (bars, accelerate, fp16 on CPU),
+    then leave those libraries' settings as they were."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    before = (dlog.get_verbosity(), dlog.is_progress_bar_enabled(), tlog.get_verbosity(), tlog.is_progress_bar_enabled())
+    capfd.readouterr()
+    load_components("tiny", device="cpu", dtype=torch.float16)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert (dlog.get_verbosity(), dlog.is_progress_bar_enabled(), tlog.get_verbosity(),
+            tlog.is_progress_bar_enabled()) == before

@@ -212,7 +212,7 @@ def test_handle_outside_region_explains(state):
     st = us.set_region(state, box(100, 200, 100, 200))
     st = us.add_point(us.add_point(st, (400, 300)), (450, 300))
     img, why = us.preview(st, "region_points")
-    assert img is st.image and "no handle lies inside" in why
+    assert img is st.image and "handle 0 at (400, 300) lies outside the region" in why
 
 
 # ------------------------------------------------------------------------------------ drawing
@@ -253,7 +253,7 @@ def test_edit_params_casts_and_checks():
         us.edit_params("cp_then_encode", 20, 1.0, 0.2, 0.6, 42)
     with pytest.raises(ValueError, match="numbers"):
         us.edit_params("cp_then_encode", 20, 0.5, 0.2, 0.6, None)
-    with pytest.raises(ValueError, match="steps must be an integer >= 2"):  # what edit refuses: not saved
+    with pytest.raises(ValueError, match=r"steps must be an integer in \[2, 1000\]"):  # what edit refuses: not saved
         us.edit_params("encode_then_cp", 1, 0.5, 0.2, 0.6, 42)
 
 

@@ -60,6 +60,10 @@ STAGES = ("inputs", "text_encode", "image_encode", "vae_encode", "inversion", "s
 NOMINAL_TFLOP = {"unet": 0.80, "vae_encoder": 1.12, "vae_decoder": 2.52, "image_encoder": 0.65}
 CPU_NOTE = ("NOTE: CPU run: these are CPU timings (model {model}), not GPU figures; do not report or "
             "commit them as GPU results.")
+SMOKE_NOTE = ("SMOKE RUN: the CPU default (tiny model, small images, few edits) checks that every backend "
+              "runs and shows where time goes; it is not a benchmark (--full for the whole suite)")
+# The CPU default: every backend, both methods, in a few minutes on 2 cores. Explicit options override it.
+SMOKE = dict(size="256x256", workloads="default,cp_then_encode", runs=2, warmup=1)
 Say = Callable[[str], None]
 
 
@@ -179,6 +183,7 @@ class BenchConfig:
     workloads: list  # [Workload]
     runs: int = 10
     warmup: int = 2
+    smoke: bool = False  # the CPU default: small, few edits; says so in its output
 
 
 def nominal_tflop(w: Workload) -> dict[str, float]:
@@ -276,7 +281,7 @@ def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchC
     names = [s for s in STAGES if any(s in st for st in stages)]
     stages_ms = {s: float(np.median([st.get(s, 0.0) for st in stages])) for s in names}
     row = dict(backend=backend, workload=w.name, width=w.width, height=w.height, method=w.method, steps=w.steps,
-               e2e_ms_median=float(np.median(e2e)), e2e_ms_p90=float(np.percentile(e2e, 90)),
+               start_t=w.start_t, e2e_ms_median=float(np.median(e2e)), e2e_ms_p90=float(np.percentile(e2e, 90)),
                e2e_ms_runs=[float(x) for x in e2e], first_call_ms=load_ms + first_edit_ms, load_ms=load_ms,
                first_edit_ms=first_edit_ms, artifacts=artifacts, stages_ms=stages_ms,
                stages_ms_p90={s: float(np.percentile([st.get(s, 0.0) for st in stages], 90)) for s in names},
@@ -292,7 +297,8 @@ def _error_row(backend: str, w: Workload, exc: BaseException) -> dict:
                 error=f"{type(exc).__name__}: {exc}")
 
 
-def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta: dict, latents: dict) -> list[dict]:
+def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta: dict, latents: dict,
+                   row_done: Callable[[dict], None]) -> None:
     torch = _torch()
     dev = cfg.device
     free(dev)
@@ -307,12 +313,13 @@ def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta:
         if os.environ.get("REGIONDRAG_DEBUG"):
             raise
         say(f"{backend}: failed to load: {exc}")
-        return [_error_row(backend, w, exc) for w in cfg.workloads]
+        for w in cfg.workloads:
+            row_done(_error_row(backend, w, exc))
+        return
     meta.setdefault("random_weights", bool(comps.random_weights))
     meta.setdefault("full_size", is_full_size_sd15(comps))
     meta.setdefault("ip_adapter", comps.image_encoder is not None)
     meta.setdefault("fingerprint", comps.fingerprint)
-    rows = []
     for i, w in enumerate(cfg.workloads):
         try:
             row, latent = _bench_workload(backend, edit, runner, w, inputs[w.name], cfg, load_ms, say, i == 0)
@@ -322,10 +329,9 @@ def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta:
                 raise
             say(f"{backend} {w.name}: failed: {exc}")
             row = _error_row(backend, w, exc)
-        rows.append(row)
+        row_done(row)
     del edit, comps, runner
     free(dev)
-    return rows
 
 
 def _finite(x):
@@ -345,7 +351,6 @@ def _add_derived(rows: list[dict], latents: dict, ceiling: float, full_size: boo
     for r in rows:
         if r["error"] is not None:
             continue
-        w = WORKLOADS.get(r["workload"])
         b = base.get(r["workload"])
         r["ratio_to_baseline"] = r["e2e_ms_median"] / b["e2e_ms_median"] if b else None
         r["speedup_vs_baseline"] = b["e2e_ms_median"] / r["e2e_ms_median"] if b else None
@@ -353,8 +358,9 @@ def _add_derived(rows: list[dict], latents: dict, ceiling: float, full_size: boo
         mine, ref = latents.get((r["backend"], r["workload"])), latents.get(("baseline", r["workload"]))
         r["latent_max_abs_diff_vs_baseline"] = (float((mine - ref).abs().max()) if mine is not None
                                                 and ref is not None else None)
-        if full_size and w is not None:
-            w = replace(w, width=r["width"], height=r["height"], steps=r["steps"])
+        if full_size:
+            w = Workload(r["workload"], r["width"], r["height"], method=r["method"], steps=r["steps"],
+                         start_t=r.get("start_t", 0.5))
             r["tflops"] = {s: f / r["stages_ms"][s] * 1e3 for s, f in nominal_tflop(w).items()
                            if r["stages_ms"].get(s)}
             r["tflops_fraction_of_matmul"] = {s: v / ceiling for s, v in r["tflops"].items()} if ceiling else None
@@ -363,12 +369,16 @@ def _add_derived(rows: list[dict], latents: dict, ceiling: float, full_size: boo
     return ratios
 
 
-def run_bench(cfg: BenchConfig, say: Say = lambda m: None) -> dict:
-    """Run every backend on every workload; returns the result document (see the module docstring)."""
+def run_bench(cfg: BenchConfig, say: Say = lambda m: None, on_update: Callable[[dict], None] | None = None) -> dict:
+    """Run every backend on every workload; returns the result document (see the module docstring).
+
+    ``on_update(doc)`` receives the document so far (``"complete": false``) after each backend and
+    workload, so that an interrupted run keeps what it measured.
+    """
     from regiondrag.pipeline import check_edit_params
 
     for w in cfg.workloads:  # check the parameters before loading anything
-        check_edit_params(w.method, w.steps, w.start_t, w.end_t, w.noise_scale)
+        check_edit_params(w.method, w.steps, w.start_t, w.end_t, w.noise_scale, seed=w.seed, prompt=w.prompt)
     dev = cfg.device
     started = _dt.datetime.now(_dt.timezone.utc)
     say(f"measuring the {str(cfg.dtype).replace('torch.', '')} matmul ceiling on {device_name(dev)}")
@@ -377,10 +387,46 @@ def run_bench(cfg: BenchConfig, say: Say = lambda m: None) -> dict:
     meta: dict = {}
     latents: dict = {}
     rows: list[dict] = []
+    eta = _Eta(len(cfg.backends) * len(cfg.workloads), say)
+
+    def row_done(row: dict) -> None:
+        rows.append(row)
+        eta.step(f"{row['backend']} {row['workload']}")
+        if on_update is not None:
+            on_update(_document(cfg, rows, meta, latents, ceiling, inputs, started, complete=False))
+
     for backend in cfg.backends:
-        rows += _bench_backend(backend, cfg, inputs, say, meta, latents)
+        _bench_backend(backend, cfg, inputs, say, meta, latents, row_done)
+    return _document(cfg, rows, meta, latents, ceiling, inputs, started, complete=True)
+
+
+class _Eta:
+    """Progress over (backend, workload) units with the time left, from the mean time per unit so far."""
+
+    def __init__(self, total: int, say: Say):
+        self.total, self.done, self.say, self.t0 = total, 0, say, time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        spent = time.perf_counter() - self.t0
+        left = spent / self.done * (self.total - self.done)
+        tail = f", about {_duration(left)} left" if self.done < self.total else f", {_duration(spent)} in all"
+        self.say(f"[{self.done}/{self.total}] {what} done{tail}")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _document(cfg: BenchConfig, rows: list, meta: dict, latents: dict, ceiling: dict, inputs: dict,
+              started, complete: bool) -> dict:
+    """The result document for the rows measured so far."""
+    rows = [dict(r) for r in rows]  # derived fields are added to copies: a partial write changes nothing
     ratios = _add_derived(rows, latents, ceiling["tflops"], meta.get("full_size", False))
+    dev = cfg.device
     notes = []
+    if cfg.smoke:
+        notes.append(SMOKE_NOTE)
     if dev.type != "cuda":
         notes.append(CPU_NOTE.format(model=cfg.model))
     if not meta.get("full_size", False):
@@ -389,8 +435,11 @@ def run_bench(cfg: BenchConfig, say: Say = lambda m: None) -> dict:
     if meta.get("random_weights"):
         notes.append("random weights: the cost of the architecture, not real edits (load_ms includes "
                      "building the weights)")
+    if not complete:
+        notes.append("INCOMPLETE: the run was still going (or was interrupted) when this was written")
     return _finite({
-        "schema": SCHEMA, "timestamp": started.isoformat(timespec="seconds"),
+        "schema": SCHEMA, "timestamp": started.isoformat(timespec="seconds"), "complete": complete,
+        "smoke": cfg.smoke,
         "device": device_name(dev), "device_type": dev.type, "device_key": device_key(dev),
         "dtype": str(cfg.dtype).replace("torch.", ""), "model": cfg.model,
         "weights": "random" if meta.get("random_weights", cfg.model in ("tiny", "random-sd15")) else "real",
@@ -421,14 +470,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "compiled only on CUDA)")
     p.add_argument("--workloads", default=None,
                    help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
-    p.add_argument("--runs", type=int, default=10, help="timed edits per backend and workload (default 10)")
-    p.add_argument("--warmup", type=int, default=2,
-                   help="untimed edits before them, >= 1; the first is reported as first_call_ms (default 2)")
+    p.add_argument("--runs", type=int, default=None,
+                   help=f"timed edits per backend and workload (default 10; CPU smoke run {SMOKE['runs']})")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed edits before them, >= 1; the first is reported as first_call_ms "
+                   f"(default 2; CPU smoke run {SMOKE['warmup']})")
+    p.add_argument("--full", action="store_true",
+                   help="on the CPU, run the whole suite instead of the smoke run (default without CUDA: "
+                   f"tiny model, workloads {SMOKE['workloads']} at {SMOKE['size']}; takes a few minutes)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
                    help="default: float16 on CUDA (as the paper), float32 on CPU")
-    p.add_argument("--out", help="result JSON (default: benchmarks/results/<gpu-or-cpu>-<date>.json); "
-                   "the chart is written beside it with .png")
+    p.add_argument("--out", help="result JSON (default: benchmarks/results/<gpu-or-cpu>-<date>.json), rewritten "
+                   "after each measurement; the Markdown table (.md) and chart (.png) are written beside it")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
     p.add_argument("--size", help="WxH: run every workload at this size instead (smoke runs; not comparable)")
     p.add_argument("--steps", type=int, help="override the workloads' steps (smoke runs; not comparable)")
@@ -453,12 +507,37 @@ def _list_arg(value: str | None, allowed, what: str) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
+def _relabel(w: Workload) -> Workload:
+    """A workload whose size or steps were overridden is named by what runs: ``WxH[ method][ N steps]``."""
+    name = f"{w.width}x{w.height}" + (f" {w.method}" if w.method != "encode_then_cp" else "")
+    return replace(w, name=name + (f" {w.steps} steps" if w.steps != Workload("", 0, 0).steps else ""))
+
+
+def _workloads(args, smoke: bool) -> list[Workload]:
+    names = _list_arg(args.workloads or (SMOKE["workloads"] if smoke else None), WORKLOADS, "workloads")
+    workloads = [WORKLOADS[n] for n in (names or WORKLOADS)]
+    size = args.size or (SMOKE["size"] if smoke else None)
+    if size:
+        m = re.fullmatch(r"(\d+)x(\d+)", size)
+        if not m or int(m[1]) % 8 or int(m[2]) % 8 or min(int(m[1]), int(m[2])) < 64 or max(int(m[1]), int(m[2])) > 2048:
+            raise ValueError(f"--size {size!r} must be WxH, multiples of 8, from 64 to 2048")
+        workloads = [replace(w, width=int(m[1]), height=int(m[2])) for w in workloads]
+    if args.steps is not None:
+        workloads = [replace(w, steps=args.steps) for w in workloads]  # checked with the rest in run_bench
+    if size or args.steps is not None:
+        workloads = list({(w.width, w.height, w.method, w.steps): _relabel(w) for w in workloads}.values())
+    return workloads
+
+
 def config_from_args(args, say: Say) -> BenchConfig:
+    from regiondrag.params import integer, resolve_device
+
     torch = _torch()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    if args.runs < 1 or args.warmup < 1:
-        raise ValueError("--runs and --warmup must be >= 1 (the first warm-up edit is the first-call latency)")
+    smoke = device.type != "cuda" and not args.full
+    runs = integer("--runs", args.runs if args.runs is not None else (SMOKE["runs"] if smoke else 10), 1, 1000)
+    warmup = integer("--warmup", args.warmup if args.warmup is not None else (SMOKE["warmup"] if smoke else 2), 1, 100)
     model = args.model or ("random-sd15" if device.type == "cuda" else "tiny")
     if args.model is None and device.type != "cuda":
         say("no CUDA device: benchmarking the tiny random model on the CPU (--model to choose another)")
@@ -467,43 +546,50 @@ def config_from_args(args, say: Say) -> BenchConfig:
         why = unavailable_reason(b, device)
         if why:
             raise ValueError(f"backend {b!r} cannot run here: {why}")
-    workloads = [WORKLOADS[n] for n in (_list_arg(args.workloads, WORKLOADS, "workloads") or WORKLOADS)]
-    if args.size:
-        m = re.fullmatch(r"(\d+)x(\d+)", args.size)
-        if not m or int(m[1]) % 8 or int(m[2]) % 8 or min(int(m[1]), int(m[2])) < 64:
-            raise ValueError(f"--size {args.size!r} must be WxH, multiples of 8, at least 64")
-        workloads = [replace(w, width=int(m[1]), height=int(m[2])) for w in workloads]
-    if args.steps is not None:
-        workloads = [replace(w, steps=args.steps) for w in workloads]
     ip = None if str(args.ip_adapter).lower() == "none" else args.ip_adapter
     return BenchConfig(model=model, ip_adapter=ip, device=device, dtype=dtype, backends=backends,
-                       workloads=workloads, runs=args.runs, warmup=args.warmup)
+                       workloads=_workloads(args, smoke), runs=runs, warmup=warmup, smoke=smoke)
 
 
 def run_from_args(args, say: Say = lambda m: print(m, file=sys.stderr)) -> int:
-    """The ``bench`` command: run, write JSON (+ chart), print the table. Exit 1 if a backend failed."""
+    """The ``bench`` command: run, write JSON (rewritten after each measurement), a Markdown table and a
+    chart beside it, print the table. Exit 1 if a backend failed."""
+    from .paths import atomic_path, check_writable
+
     cfg = config_from_args(args, say)  # (--cache-dir is applied by the CLI, for the model cache too)
+    out = check_writable(Path(args.out) if args.out else default_out(cfg.device), "--out", suffixes=(".json",))
+    table, chart = out.with_suffix(".md"), out.with_suffix(".png")
+    if cfg.smoke:
+        say(SMOKE_NOTE)
     if cfg.device.type != "cuda":
         say(CPU_NOTE.format(model=cfg.model))
     say(f"backends {', '.join(cfg.backends)}; workloads {', '.join(w.name for w in cfg.workloads)}; "
-        f"{cfg.warmup} warm-up + {cfg.runs} timed edits each")
-    doc = run_bench(cfg, say)
+        f"{cfg.warmup} warm-up + {cfg.runs} timed edits each; results go to {out}")
+
+    def write(doc: dict) -> None:
+        with atomic_path(out) as tmp:
+            tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        with atomic_path(table) as tmp:
+            tmp.write_text(_heading(doc) + markdown_table(doc) + "\n\n" + "".join(f"{n}\n" for n in doc["notes"]))
+
+    doc = run_bench(cfg, say, on_update=write)
     doc["settings"].update(size=getattr(args, "size", None), steps=getattr(args, "steps", None))
-    out = Path(args.out) if args.out else default_out(cfg.device)
-    chart = out.with_suffix(".png")
     doc["chart"] = None
     if not args.no_chart:
         if write_chart(doc, chart):
             doc["chart"] = chart.name
         else:
             doc["notes"].append("matplotlib is not installed: no chart (pip install matplotlib)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"# regiondrag bench: {doc['device']}, {doc['model']} ({doc['weights']} weights), {doc['dtype']}, "
-          f"matmul {doc['matmul_tflops']:.1f} TFLOP/s\n")
+    write(doc)
+    print(_heading(doc))
     print(markdown_table(doc))
     print()
     for note in doc["notes"]:
         print(note)
-    print(f"results: {out}" + (f"\nchart: {chart}" if doc["chart"] else ""))
+    print(f"results: {out}\ntable: {table}" + (f"\nchart: {chart}" if doc["chart"] else ""))
     return 1 if any(r.get("error") for r in doc["results"]) else 0
+
+
+def _heading(doc: dict) -> str:
+    return (f"# regiondrag bench{' (smoke run)' if doc.get('smoke') else ''}: {doc['device']}, {doc['model']} "
+            f"({doc['weights']} weights), {doc['dtype']}, matmul {doc['matmul_tflops']:.1f} TFLOP/s\n\n")

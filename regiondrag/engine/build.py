@@ -18,15 +18,16 @@ def build_artifacts(model: str, backend: str, height: int, width: int, precision
     Returns one row per network: ``network``, ``hit`` (already cached), ``path``, ``bytes``, ``seconds``.
     """
     from regiondrag.inputs import processing_size
+    from regiondrag.params import MAX_SIDE, integer, resolve_device
     from regiondrag.pipeline import RegionDragPipeline
 
     if backend not in COMPILED_BACKENDS:
         raise ValueError(f"build needs a compiled backend, one of {', '.join(COMPILED_BACKENDS)}; got {backend!r}")
-    if height < 64 or width < 64:
-        raise ValueError(f"height and width must be at least 64 pixels, got {height}x{width}")
+    for name, side in (("height", height), ("width", width)):
+        integer(name, side, 64, MAX_SIDE)
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     dtype = PRECISIONS[precision] if precision else (torch.float16 if dev.type == "cuda" else torch.float32)
     pipe = RegionDragPipeline.from_pretrained(model, ip_adapter=ip_adapter, device=dev, dtype=dtype,
                                               backend=backend, config=config, build_progress=progress)

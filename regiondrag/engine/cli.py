@@ -25,22 +25,6 @@ def _say(msg: str) -> None:
     print(f"[regiondrag] {msg}", file=sys.stderr, flush=True)
 
 
-class _Progress:
-    """One line per stage on stderr, redrawn in place on a terminal."""
-
-    def __init__(self):
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-
-    def __call__(self, stage: str, i: int, n: int) -> None:
-        bar = "#" * (i + 1) + "." * (n - i - 1)
-        line = f"[regiondrag] {stage:<9} [{bar}] {i + 1}/{n}"
-        if self.tty:
-            print("\r" + line, end="\n" if i + 1 == n else "", file=sys.stderr, flush=True)
-        elif i + 1 == n:
-            print(f"{line}  ({time.perf_counter() - self.t0:.1f}s)", file=sys.stderr, flush=True)
-
-
 def _quiet_libraries() -> None:
     """diffusers/transformers print progress bars and warnings the CLI replaces with its own lines."""
     import logging
@@ -120,7 +104,7 @@ def _edit_inputs(args):
     if args.mask:
         from regiondrag.dragfile import read_mask_png
 
-        mask = read_mask_png(args.mask)
+        mask = read_mask_png(args.mask, "--mask editing mask")
     if mask is not None:
         mask = as_binary_mask(np.asarray(mask), image.shape[:2], "editing mask")
     if args.prompt is not None:
@@ -136,29 +120,33 @@ def cmd_edit(args) -> int:
     import torch
 
     from regiondrag.models import DEFAULT_MODEL
-    from regiondrag.pipeline import RegionDragPipeline, check_edit_params
+    from regiondrag.params import resolve_device
+    from regiondrag.pipeline import RegionDragPipeline, check_edit
 
+    from .paths import atomic_path, check_writable
+
+    # Everything that needs no model is checked before loading one: the output path, the device, the
+    # parameters, and the image with its drag, mask and preview.
+    out = check_writable(args.out, "--out", suffixes=(".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    device = resolve_device(args.device)
     image, drag, prompt, mask, params = _edit_inputs(args)
-    out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-        raise ValueError(f"--out {args.out!r} needs an image extension (.png, .jpg, .webp, .bmp)")
-    # Check the schedule parameters before spending time on loading the model.
-    check_edit_params(params["method"], params["steps"], params["start_t"], params["end_t"], params["noise_scale"])
+    check_edit(image, drag, mask=mask, prompt=prompt, **params)
     model = args.model or DEFAULT_MODEL
     ip = _ip_arg(args)
     _say(f"loading {model}" + (f" + IP-Adapter {ip}" if ip not in (None, "default") else ""))
     t0 = time.perf_counter()
-    pipe = RegionDragPipeline.from_pretrained(model, ip_adapter=ip, device=args.device,
+    pipe = RegionDragPipeline.from_pretrained(model, ip_adapter=ip, device=device,
                                               dtype=getattr(torch, args.dtype) if args.dtype else None,
                                               backend=args.backend, config=args.config, build_progress=_say)
-    if args.backend != "torch":
-        _say(f"backend {args.backend}: artifacts missing from the cache are built now (see `build`)")
     _say(f"loaded in {time.perf_counter() - t0:.1f}s on {pipe.device} ({str(pipe.dtype).replace('torch.', '')})")
     if pipe.components.random_weights:
         _say("note: this model has RANDOM weights; its output is noise, not an edit")
-    result = pipe.edit(image, drag, prompt=prompt, mask=mask, progress=_Progress(), **params)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(out)
+    result = pipe.edit(image, drag, prompt=prompt, mask=mask, **params)
+    if args.backend != "torch":
+        built = sum(not r["hit"] for r in pipe.runner.report)
+        _say(f"backend {args.backend}: {len(pipe.runner.report) - built} artifacts from the cache, {built} built")
+    with atomic_path(out) as tmp:
+        result.image.save(tmp)
     stages = ", ".join(f"{k} {v:.0f}" for k, v in result.timings.items() if k != "total")
     _say(f"edit {result.timings['total']:.0f} ms ({stages} ms)")
     print(out)
@@ -257,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["REGIONDRAG_CACHE"] = str(Path(args.cache_dir).expanduser().resolve())
     try:
         return handler(args)
-    except (ValueError, TypeError, FileNotFoundError, IsADirectoryError, PermissionError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
         if os.environ.get("REGIONDRAG_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

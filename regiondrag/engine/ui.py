@@ -261,19 +261,19 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
         tab_p.select(tab("polygon_pairs"), state, [mode, prev, status])
         tab_r.select(tab("region_points"), state, [mode, prev, status])
 
-        out_m = [state, ed_m, prev, status]
+        out_m = [state, ed_m, note_m, prev, status]
 
         @guard(len(out_m))
         def on_add_region(st, value):
             st = us.add_region(st, us.editor_mask(value, us.need_image(st).shape[:2]))
             k = len(st.masks)
             done = f"added {us.role_of(k - 1)} region {(k + 1) // 2} ({'red' if k % 2 else 'blue'})"
-            return (st, editor(st, "region_pairs", k), *_status(st, "region_pairs", done))
+            return (st, editor(st, "region_pairs", k), draw_hint(k), *_status(st, "region_pairs", done))
 
         @guard(len(out_m))
         def on_regions(st, op):
             st = us.undo_region(st) if op == "undo" else us.clear_regions(st)
-            return (st, editor(st, "region_pairs", len(st.masks)),
+            return (st, editor(st, "region_pairs", len(st.masks)), draw_hint(len(st.masks)),
                     *_status(st, "region_pairs", "removed the last region" if op == "undo" else "cleared"))
 
         @guard(1)
@@ -286,7 +286,11 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
                 return draw_hint(k)
             return f"{us.role_of(k).capitalize()} region {k // 2 + 1} drawn ({n} pixels): click **Add region**."
 
-        ed_m.input(on_drawn, [state, ed_m], note_m)
+        # The editors are read on `change`, never on `input`: gradio's ImageEditor dispatches `input` as soon as
+        # a stroke ends, before it has uploaded the stroke's layer, so an `input` handler can receive the value
+        # from before the stroke (more often on a loaded machine) and the stroke is never reported. `change`
+        # comes once the upload is done, and also when the page resets the editor (Add/Undo/Clear).
+        ed_m.change(on_drawn, [state, ed_m], note_m, trigger_mode="always_last")
         add_m.click(on_add_region, [state, ed_m], out_m)
         undo_m.click(lambda st: on_regions(st, "undo"), state, out_m)
         clear_m.click(lambda st: on_regions(st, "clear"), state, out_m)
@@ -334,7 +338,7 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             ed = editor(st, "region_points") if op == "clear" else gr.skip()
             return (st, _view(st, "region_points"), ed, *_status(st, "region_points"))
 
-        ed_r.input(on_region_drawn, [state, mode, ed_r], out_r)
+        ed_r.change(on_region_drawn, [state, mode, ed_r], out_r, trigger_mode="always_last")  # see ed_m
         vis_r.select(on_point, state, out_r)
         undo_r.click(lambda st: on_points(st, "undo"), state, [state, vis_r, ed_r, prev, status])
         clear_r.click(lambda st: on_points(st, "clear"), state, [state, vis_r, ed_r, prev, status])
