@@ -17,13 +17,10 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
+
+from .drag_maps import contour_pairs, filled_pixels, polygon_pair_points, region_pair_points, resize_mask
 
 __all__ = ["RegionPairs", "PolygonPairs", "RegionPoints", "PointPairs", "border_points"]
-
-_IDW_MAX_REFS = 100   # §14.3: more references are subsampled with linspace
-_IDW_K = 4            # §14.3: nearest references used per point
-_IDW_CHUNK = 1 << 15  # points per IDW chunk (rows are independent, so chunking changes nothing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,6 +69,22 @@ def _check_pair_lists(sources, targets, kind: str) -> tuple[list, list]:
         raise ValueError(f"{kind} needs as many sources as targets, got {len(sources)} sources "
                          f"and {len(targets)} targets")
     return sources, targets
+
+
+def _store_pairs(drag, kind: str, convert, what: str) -> tuple[tuple, tuple]:
+    """Check ``drag``'s paired ``sources``/``targets`` lists, convert each item with ``convert(item,
+    name)`` (names like "source region 0") and store the converted tuples on the frozen ``drag``."""
+    sources, targets = _check_pair_lists(drag.sources, drag.targets, kind)
+    srcs = tuple(convert(x, f"source {what} {i}") for i, x in enumerate(sources))
+    trgs = tuple(convert(x, f"target {what} {i}") for i, x in enumerate(targets))
+    object.__setattr__(drag, "sources", srcs)
+    object.__setattr__(drag, "targets", trgs)
+    return srcs, trgs
+
+
+def _concat_pairs(pairs: list, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The (source, target) arrays of several pairs, in order, as int32; refused when empty."""
+    return _check_nonempty(np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]), scale)
 
 
 def _check_scale(scale) -> float:
@@ -125,23 +138,6 @@ def _copy_paste(image, drag) -> np.ndarray:
     return out
 
 
-def _resize_mask(mask: np.ndarray, scale: float) -> np.ndarray:
-    """§14.1 step 1: ``cv2.resize`` (bilinear) to ``(int(W*scale), int(H*scale))``, nonzero -> bool."""
-    h, w = mask.shape
-    size = (int(w * scale), int(h * scale))
-    if size[0] < 1 or size[1] < 1:
-        raise ValueError(f"a {h}x{w} mask is empty when resized by {scale:g}; use a larger image or scale")
-    return cv2.resize(mask, size) != 0
-
-
-def _filled_pixels(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """All pixels (x, y) of ``fillPoly(polygon)`` on a canvas of ``shape``, row-major (int64)."""
-    canvas = np.zeros(shape, np.uint8)
-    cv2.fillPoly(canvas, [np.ascontiguousarray(polygon, dtype=np.int32).reshape(-1, 1, 2)], 1)
-    ys, xs = np.nonzero(canvas)
-    return np.stack([xs, ys], axis=1)
-
-
 def border_points(points) -> np.ndarray:
     """§3 ``border(P)``: outline vertices of the points ``P`` (N x 2 (x, y), non-negative integers).
 
@@ -157,56 +153,30 @@ def border_points(points) -> np.ndarray:
     return np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.int32)
 
 
+class _Drag:
+    """What every drag type shares: the pixel copy-paste preview (§14.1 step 6) of its scale-1 pairs."""
+
+    def preview(self, image) -> np.ndarray:
+        """``image`` with each scale-1 target pixel set to its source pixel (all reads before writes)."""
+        return _copy_paste(image, self)
+
+
 # ----------------------------------------------------------------------------------------------
 # §14.1 region pairs
 # ----------------------------------------------------------------------------------------------
 
-def _column_extent(region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column: min and max row of ``region`` (+inf / -inf where the column is empty)."""
-    rows = np.arange(region.shape[0], dtype=np.float64)[:, None]
-    return (np.where(region, rows, np.inf).min(axis=0), np.where(region, rows, -np.inf).max(axis=0))
-
-
-def _region_pair_to_pts(src: np.ndarray, trg: np.ndarray, scale: float, k: int):
-    """§14.1 ``region_pair_to_pts``: global horizontal stretch, per-column vertical stretch."""
-    rs, rt = _resize_mask(src, scale), _resize_mask(trg, scale)
-    for name, region in (("source", rs), ("target", rt)):
-        if not region.any():
-            raise ValueError(f"{name} region {k} vanishes when the mask is resized by {scale:g} (fewer than "
-                             "two of the central pixels of every cell are set); make the region larger")
-    ty, tx = np.nonzero(rt)  # row-major target cells
-    scols, tcols = np.nonzero(rs.any(axis=0))[0], np.nonzero(rt.any(axis=0))[0]
-    xs_min, xs_max, xt_min, xt_max = scols[0], scols[-1], tcols[0], tcols[-1]
-    sx = (xs_max - xs_min) / max(xt_max - xt_min, 1e-4)
-    xp = (tx - xt_min) * sx + xs_min
-    col = xp.astype(np.int64)
-    ys_min, ys_max = _column_extent(rs)
-    yt_min, yt_max = _column_extent(rt)
-    if np.isinf(ys_min[col]).any():  # the reference would produce inf/nan -> garbage here
-        c = int(col[np.isinf(ys_min[col])][0])
-        raise ValueError(f"source region {k} is not column-convex at scale {scale:g}: its column {c} is "
-                         "empty but a target column maps onto it; use a region without horizontal gaps")
-    sy = (ys_max[col] - ys_min[col]) / np.maximum(yt_max[tx] - yt_min[tx], 1e-4)
-    yp = (ty - yt_min[tx]) * sy + ys_min[col]
-    return np.stack([col, yp.astype(np.int64)], axis=1), np.stack([tx, ty], axis=1)
-
-
 @dataclass(frozen=True, eq=False)
-class RegionPairs:
+class RegionPairs(_Drag):
     """Pairs of HxW {0,1} handle (``sources``) and target (``targets``) region masks (§14.1)."""
 
     sources: tuple
     targets: tuple
 
     def __post_init__(self):
-        sources, targets = _check_pair_lists(self.sources, self.targets, "RegionPairs")
-        srcs = tuple(_as_mask(m, f"source region {i}") for i, m in enumerate(sources))
-        trgs = tuple(_as_mask(m, f"target region {i}") for i, m in enumerate(targets))
+        srcs, trgs = _store_pairs(self, "RegionPairs", _as_mask, "region")
         shapes = {m.shape for m in srcs + trgs}
         if len(shapes) > 1:
             raise ValueError(f"all region masks must have the same size, got sizes {sorted(shapes)}")
-        object.__setattr__(self, "sources", srcs)
-        object.__setattr__(self, "targets", trgs)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -220,14 +190,9 @@ class RegionPairs:
     def to_points(self, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """§14.1 for every pair, concatenated in input order."""
         scale = _check_scale(scale)
-        pairs = [_region_pair_to_pts(s, t, scale, k)
+        pairs = [region_pair_points(s, t, scale, k)
                  for k, (s, t) in enumerate(zip(self.sources, self.targets))]
-        return _check_nonempty(np.concatenate([p[0] for p in pairs]),
-                               np.concatenate([p[1] for p in pairs]), scale)
-
-    def preview(self, image) -> np.ndarray:
-        """Pixel copy-paste preview (§14.1 step 6)."""
-        return _copy_paste(image, self)
+        return _concat_pairs(pairs, scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,31 +226,16 @@ def check_polygon(poly: np.ndarray, what: str) -> None:
             raise ValueError(f"{what} is self-intersecting; give the 4 vertices in order around the outline")
 
 
-def _transform_polygon(src_v: np.ndarray, trg_v: np.ndarray, scale: float):
-    """§14.2 ``transform_polygon``: fill the target polygon, map its pixels to the source (target->source)."""
-    src = src_v.astype(np.float32) * np.float32(scale)
-    trg = trg_v.astype(np.float32) * np.float32(scale)
-    trg_int = trg.astype(np.int32)
-    trg_pts = _filled_pixels(trg_int, (trg_int[:, 1].max() + 1, trg_int[:, 0].max() + 1))
-    pts = trg_pts.astype(np.float32).reshape(-1, 1, 2)
-    if len(trg_v) == 3:
-        src_pts = cv2.transform(pts, cv2.getAffineTransform(trg, src))
-    else:
-        src_pts = cv2.perspectiveTransform(pts, cv2.getPerspectiveTransform(trg, src))
-    return src_pts.reshape(-1, 2).astype(np.int32), trg_pts
-
-
 @dataclass(frozen=True, eq=False)
-class PolygonPairs:
+class PolygonPairs(_Drag):
     """Pairs of source/target triangles or quadrilaterals, each a list of (x, y) vertices (§14.2)."""
 
     sources: tuple
     targets: tuple
 
     def __post_init__(self):
-        sources, targets = _check_pair_lists(self.sources, self.targets, "PolygonPairs")
-        srcs = tuple(_as_points(p, f"source polygon {i}", integral=False) for i, p in enumerate(sources))
-        trgs = tuple(_as_points(p, f"target polygon {i}", integral=False) for i, p in enumerate(targets))
+        srcs, trgs = _store_pairs(self, "PolygonPairs", lambda p, name: _as_points(p, name, integral=False),
+                                  "polygon")
         for i, (s, t) in enumerate(zip(srcs, trgs)):
             check_polygon(s, f"source polygon {i}")
             check_polygon(t, f"target polygon {i}")
@@ -295,8 +245,6 @@ class PolygonPairs:
             if len(s) == 4 and len({int(v) for v in _turns(s) * _turns(t)}) != 1:
                 raise ValueError(f"polygon pair {i}: one quadrilateral is convex and the other is not; the "
                                  "perspective map would send part of the target to infinity")
-        object.__setattr__(self, "sources", srcs)
-        object.__setattr__(self, "targets", trgs)
 
     def validate(self, height: int, width: int) -> None:
         """Raise ``ValueError`` if a vertex lies outside ``[0, width) x [0, height)``."""
@@ -307,70 +255,16 @@ class PolygonPairs:
     def to_points(self, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """§14.2 for every pair, concatenated in input order."""
         scale = _check_scale(scale)
-        pairs = [_transform_polygon(s, t, scale) for s, t in zip(self.sources, self.targets)]
-        return _check_nonempty(np.concatenate([p[0] for p in pairs]),
-                               np.concatenate([p[1] for p in pairs]), scale)
-
-    def preview(self, image) -> np.ndarray:
-        """Pixel copy-paste preview (§14.1 step 6)."""
-        return _copy_paste(image, self)
+        pairs = [polygon_pair_points(s, t, scale) for s, t in zip(self.sources, self.targets)]
+        return _concat_pairs(pairs, scale)
 
 
 # ----------------------------------------------------------------------------------------------
 # §14.3 region + clicked points
 # ----------------------------------------------------------------------------------------------
 
-def _idw_rows(p: torch.Tensor, refs: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
-    """IDW direction for a chunk of float16 points: k nearest refs, weights 1/(d+1e-4) normalised."""
-    # torch's float16 vector norm accumulates in float32 before rounding; with the unstable sort the
-    # tie order depends on these exact values (§14.3), so the distance must be computed this way.
-    dist = torch.linalg.vector_norm(p[:, None, :] - refs[None, :, :], dim=-1)
-    k = min(_IDW_K, refs.shape[0])
-    idx = torch.sort(dist, dim=1)[1][:, :k]  # default (unstable) sort, as §14.3 requires
-    w = 1.0 / (torch.gather(dist, 1, idx) + 1e-4)
-    w = w / w.sum(dim=1, keepdim=True)
-    return torch.round(p + (w[:, :, None] * dirs[idx]).sum(dim=1))
-
-
-def _idw(points: np.ndarray, refs: np.ndarray, dirs: np.ndarray) -> np.ndarray:
-    """§14.3 ``IDW(points; refs, dirs)`` in float16 on the CPU -> int64 N x 2 points."""
-    p = torch.as_tensor(np.asarray(points), dtype=torch.float16)
-    r = torch.as_tensor(np.asarray(refs), dtype=torch.float16)
-    d = torch.as_tensor(np.asarray(dirs), dtype=torch.float16)
-    if r.shape[0] < 2:
-        return (p + d).to(torch.int64).numpy()
-    if r.shape[0] > _IDW_MAX_REFS:
-        keep = torch.linspace(0, r.shape[0] - 1, _IDW_MAX_REFS).long()
-        r, d = r[keep], d[keep]
-    out = [_idw_rows(p[i:i + _IDW_CHUNK], r, d) for i in range(0, p.shape[0], _IDW_CHUNK)]
-    return torch.cat(out).to(torch.int64).numpy()
-
-
-def _contour_pairs(contour: np.ndarray, shape, s_pts: np.ndarray, t_pts: np.ndarray):
-    """§14.3 steps 2-6 for one contour; ``None`` when no clicked handle lies inside it."""
-    h, w = shape
-    r_s = _filled_pixels(contour, shape)
-    inside = np.zeros(shape, bool)
-    inside[r_s[:, 1], r_s[:, 0]] = True
-    in_img = (s_pts[:, 0] >= 0) & (s_pts[:, 0] < w) & (s_pts[:, 1] >= 0) & (s_pts[:, 1] < h)
-    ref = np.zeros(len(s_pts), bool)
-    ref[in_img] = inside[s_pts[in_img, 1], s_pts[in_img, 0]]
-    if not ref.any():
-        return None
-    src_ref, dirs = s_pts[ref], t_pts[ref] - s_pts[ref]
-    trg_contour = _idw(contour, src_ref, dirs)
-    r_t_fwd = _idw(r_s, src_ref, dirs)
-    # Filled on the image's own canvas, as the reference: OpenCV rasterises a polygon that crosses the
-    # canvas edge differently from the same polygon on a larger canvas, even inside the common part.
-    r_t = _filled_pixels(trg_contour, shape)
-    src_of_r_t = _idw(r_t, r_t_fwd, r_s - r_t_fwd)
-    both = np.concatenate([src_of_r_t, r_t], axis=1)
-    keep = ((both >= 0) & (both < np.array([w, h, w, h]))).all(axis=1)
-    return src_of_r_t[keep], r_t[keep]
-
-
 @dataclass(frozen=True, eq=False)
-class RegionPoints:
+class RegionPoints(_Drag):
     """One HxW region mask plus clicked (x, y) pairs: ``handles[k]`` is dragged to ``targets[k]`` (§14.3)."""
 
     mask: np.ndarray
@@ -395,7 +289,10 @@ class RegionPoints:
         _check_in_image(self.handles, height, width, "handles")
         _check_in_image(self.targets, height, width, "targets")
         contours, _ = cv2.findContours(self.mask.copy(), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        filled = cv2.drawContours(np.zeros_like(self.mask), contours, -1, 1, thickness=cv2.FILLED)
+        filled = np.zeros_like(self.mask)
+        for c in contours:  # the pixels §14.3 step 2 matches handles against
+            xy = filled_pixels(c.reshape(-1, 2), self.mask.shape)
+            filled[xy[:, 1], xy[:, 0]] = 1
         h = self.handles.astype(np.int32)
         outside = filled[h[:, 1], h[:, 0]] == 0
         if outside.any():
@@ -406,22 +303,17 @@ class RegionPoints:
     def to_points(self, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """§14.3: per contour (OpenCV order), IDW-warp the region and map each target pixel back."""
         scale = _check_scale(scale)
-        region = _resize_mask(self.mask, scale).astype(np.uint8)
+        region = resize_mask(self.mask, scale).astype(np.uint8)
         contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         s_pts = (self.handles * scale).astype(np.int32).astype(np.int64)
         t_pts = (self.targets * scale).astype(np.int32).astype(np.int64)
-        pairs = [_contour_pairs(c.reshape(-1, 2).astype(np.int64), region.shape, s_pts, t_pts)
+        pairs = [contour_pairs(c.reshape(-1, 2).astype(np.int64), region.shape, s_pts, t_pts)
                  for c in contours]
         pairs = [p for p in pairs if p is not None]
         if not pairs:
             raise ValueError(f"the drag yields no point pairs at this scale ({scale:g}): no handle lies "
                              "inside the region mask")
-        return _check_nonempty(np.concatenate([p[0] for p in pairs]),
-                               np.concatenate([p[1] for p in pairs]), scale)
-
-    def preview(self, image) -> np.ndarray:
-        """Pixel copy-paste preview (§14.1 step 6) with the scale-1 pairs."""
-        return _copy_paste(image, self)
+        return _concat_pairs(pairs, scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +321,7 @@ class RegionPoints:
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
-class PointPairs:
+class PointPairs(_Drag):
     """Dense N x 2 (x, y) integer image-coordinate pairs, row k of ``sources`` paired with row k of ``targets``."""
 
     sources: np.ndarray
@@ -458,7 +350,3 @@ class PointPairs:
             return (self.sources // int(round(inv))).astype(np.int32), (self.targets // int(round(inv))).astype(np.int32)
         return (np.floor(self.sources * scale).astype(np.int32),
                 np.floor(self.targets * scale).astype(np.int32))
-
-    def preview(self, image) -> np.ndarray:
-        """Pixel copy-paste preview (§14.1 step 6) with the given pairs."""
-        return _copy_paste(image, self)

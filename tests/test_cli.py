@@ -158,3 +158,14 @@ def test_build_then_edit_with_onnxruntime(env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "building" not in r.stderr and "0 built" in r.stderr  # every artifact came from the cache
     assert Image.open(out).size == (128, 128)
+
+
+def test_console_script_is_the_same_command(env):
+    """`regiondrag` (pyproject's console script) runs the CLI and names itself in its usage line."""
+    script = Path(sys.executable).parent / "regiondrag"
+    if not script.is_file():
+        pytest.skip(f"no console script beside {sys.executable} (package not installed with pip)")
+    r = subprocess.run([str(script), "--help"], cwd="/", env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: regiondrag ") and "edit" in r.stdout
+    assert run(env, "--help").stdout.startswith("usage: python -m regiondrag.engine ")

@@ -216,7 +216,7 @@ def _region_points_oracle(mask, handles, targets, scale):
     (cv2.drawContours, FILLED), independently of regiondrag.drags except for its float16 IDW."""
     import cv2
 
-    from regiondrag.drags import _idw
+    from regiondrag.drag_maps import idw
 
     h, w = int(mask.shape[0] * scale), int(mask.shape[1] * scale)
     region = cv2.resize(mask, (w, h))
@@ -236,9 +236,9 @@ def _region_points_oracle(mask, handles, targets, scale):
         ref = (s[:, None] == r_s[None]).all(axis=2).any(axis=1)
         if not ref.any():
             continue
-        fwd = _idw(r_s, s[ref], t[ref] - s[ref])
-        r_t = filled(_idw(c, s[ref], t[ref] - s[ref]))
-        back = _idw(r_t, fwd, r_s - fwd)
+        fwd = idw(r_s, s[ref], t[ref] - s[ref])
+        r_t = filled(idw(c, s[ref], t[ref] - s[ref]))
+        back = idw(r_t, fwd, r_s - fwd)
         keep = ((back >= 0) & (back < (w, h))).all(1) & ((r_t >= 0) & (r_t < (w, h))).all(1)
         out_s.append(back[keep])
         out_t.append(r_t[keep])

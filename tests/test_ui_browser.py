@@ -178,6 +178,8 @@ def draw(page, editor: str, note: str, expect: str, dx: float, dy: float = 0.0, 
         stroke(page, editor, dx, dy, half)
         try:
             wait_text(page, note, expect, timeout_ms=20_000 * (attempt + 1))
+            if attempt:
+                print(f"{editor}: stroke reported on attempt {attempt + 1}")  # visible with -s: should not happen
             return
         except pytest.fail.Exception:
             continue

@@ -223,7 +223,9 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m regiondrag.engine",
+    # `regiondrag` (the console script) and `python -m regiondrag.engine` are the same command.
+    prog = "regiondrag" if Path(sys.argv[0]).name == "regiondrag" else "python -m regiondrag.engine"
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="RegionDrag inference engine: region-based drag editing.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_edit_parser(sub)
