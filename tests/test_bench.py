@@ -198,7 +198,7 @@ def _bench_args(*argv):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default")
 def test_cpu_default_is_a_labelled_smoke_run():
-    from regiondrag.engine.bench import SMOKE, config_from_args
+    from regiondrag.engine.bench_cli import SMOKE, config_from_args
 
     cfg = config_from_args(_bench_args(), lambda m: None)
     assert cfg.smoke and cfg.model == "tiny" and (cfg.runs, cfg.warmup) == (SMOKE["runs"], SMOKE["warmup"])

@@ -217,7 +217,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_from_args  # the benchmark's logic; benchmarks/bench_pipeline.py runs the same
+    from .bench_cli import run_from_args  # the benchmark command; benchmarks/bench_pipeline.py runs the same
 
     return run_from_args(args, say=_say)
 
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_parser(sub)
     sub.add_parser("info", help="versions, devices and cached artifacts")
     _add_ui_parser(sub)
-    from .bench import add_bench_parser
+    from .bench_cli import add_bench_parser
 
     add_bench_parser(sub)
     return parser

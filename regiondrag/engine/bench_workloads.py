@@ -1,0 +1,92 @@
+"""The benchmark's workloads: the edits it times, their fixed inputs and their nominal cost.
+
+Every backend gets the same inputs: a fixed-seed smooth random image and one region pair of two
+ellipses covering 5% of the image each, the target shifted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Nominal TFLOP of one call at 512x512 pixels (64x64 latent) for SD-1.5 + CLIP ViT-H/14; UNet and VAE
+# scale with the pixel count. The image encoder runs at 224x224 whatever the image (2 images x 2 x
+# 632 M parameters x 257 tokens). The same nominal cost is used for every backend (the engine's replay
+# skips the to_k/to_v projections, so its "achieved" figure is an effective rate).
+NOMINAL_TFLOP = {"unet": 0.80, "vae_encoder": 1.12, "vae_decoder": 2.52, "image_encoder": 0.65}
+
+
+@dataclass(frozen=True)
+
+
+class Workload:
+    """One benchmarked edit. ``width`` x ``height`` in pixels."""
+
+    name: str
+    width: int
+    height: int
+    method: str = "encode_then_cp"
+    steps: int = 20
+    start_t: float = 0.5
+    end_t: float = 0.2
+    noise_scale: float = 1.0
+    seed: int = 42
+    prompt: str = "A photo of an object."
+
+
+WORKLOADS = {w.name: w for w in (
+    Workload("default", 512, 512),
+    Workload("768x768", 768, 768),
+    Workload("512x768", 512, 768),
+    Workload("cp_then_encode", 512, 512, method="cp_then_encode"),
+)}
+
+
+def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth random RGB image (a 6x6 random grid upsampled bicubically), HxWx3 uint8."""
+    from PIL import Image
+
+    grid = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(grid).resize((width, height), Image.BICUBIC))
+
+
+def ellipse_mask(width: int, height: int, cx: float, cy: float, ax: float, ay: float) -> np.ndarray:
+    yy, xx = np.mgrid[:height, :width]
+    return ((((xx + 0.5 - cx) / ax) ** 2 + ((yy + 0.5 - cy) / ay) ** 2) <= 1).astype(np.uint8)
+
+
+def region_pair(width: int, height: int):
+    """The benchmark's drag: two ellipses of 5% of the image each (semi-axes 0.16 W and 0.10 H), the
+    target shifted by (+0.26 W, -0.10 H)."""
+    import regiondrag as rd
+
+    ax, ay = 0.16 * width, 0.10 * height
+    src = ellipse_mask(width, height, 0.36 * width, 0.55 * height, ax, ay)
+    trg = ellipse_mask(width, height, 0.62 * width, 0.45 * height, ax, ay)
+    return rd.RegionPairs(sources=[src], targets=[trg])
+
+
+@dataclass
+
+
+class Inputs:
+    image: np.ndarray
+    drag: object
+    region_fraction: float
+
+
+def make_inputs(w: Workload) -> Inputs:
+    drag = region_pair(w.width, w.height)
+    return Inputs(synthetic_image(w.width, w.height), drag, float(drag.sources[0].mean()))
+
+
+def nominal_tflop(w: Workload) -> dict[str, float]:
+    """Nominal TFLOP per stage of one edit of ``w`` on SD-1.5 (see :data:`NOMINAL_TFLOP`)."""
+    scale = w.width * w.height / 512**2
+    s = int(w.start_t * w.steps)
+    sde = w.method == "encode_then_cp"
+    return {"image_encode": NOMINAL_TFLOP["image_encoder"],
+            "vae_encode": (1 if sde else 2) * NOMINAL_TFLOP["vae_encoder"] * scale,
+            "inversion": (1 if sde else 2) * s * NOMINAL_TFLOP["unet"] * scale,
+            "sampling": s * NOMINAL_TFLOP["unet"] * scale,
+            "vae_decode": NOMINAL_TFLOP["vae_decoder"] * scale}
