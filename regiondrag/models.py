@@ -71,14 +71,8 @@ class RunsComponents:
     """Base of what runs a :class:`Components` (the pipeline, the runners): their device and dtype."""
 
     components: Components
-
-    @property
-    def device(self) -> torch.device:
-        return self.components.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.components.dtype
+    device = property(lambda self: self.components.device, doc="The components' device.")
+    dtype = property(lambda self: self.components.dtype, doc="The components' dtype.")
 
 
 def cache_root() -> Path:

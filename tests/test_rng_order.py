@@ -84,12 +84,17 @@ def _check_one_generator_replays(rec, seed):
         assert torch.equal(values, torch.randn(shape, generator=fresh))
 
 
-def test_etcp_draw_order(pipe, monkeypatch, edit_inputs):
+def _recorded_method(pipe, monkeypatch, edit_inputs, method: str, seed: int):
+    """The draws of one edit with ``method`` on the 64x64 inputs (an 8x8 latent)."""
     image, drag = edit_inputs
+    rec, _ = _recorded_edit(pipe, monkeypatch, image, drag, method=method, steps=STEPS, start_t=START_T,
+                            noise_scale=0.6, seed=seed)
+    return rec, drag, 8, 8
+
+
+def test_etcp_draw_order(pipe, monkeypatch, edit_inputs):
     seed = 123
-    rec, _ = _recorded_edit(pipe, monkeypatch, image, drag, method="encode_then_cp", steps=STEPS,
-                            start_t=START_T, noise_scale=0.6, seed=seed)
-    h, w = 8, 8
+    rec, drag, h, w = _recorded_method(pipe, monkeypatch, edit_inputs, "encode_then_cp", seed)
     n_blur = len(drag.to_points(1 / 8)[0])
     assert rec.shapes == [(1, 4, h, w)] + [(1, 4, h, w)] * S + [(4, n_blur)]
     _check_one_generator_replays(rec, seed)
@@ -98,11 +103,8 @@ def test_etcp_draw_order(pipe, monkeypatch, edit_inputs):
 
 
 def test_cpte_draw_order(pipe, monkeypatch, edit_inputs):
-    image, drag = edit_inputs
     seed = 321
-    rec, _ = _recorded_edit(pipe, monkeypatch, image, drag, method="cp_then_encode", steps=STEPS,
-                            start_t=START_T, noise_scale=0.6, seed=seed)
-    h, w = 8, 8
+    rec, drag, h, w = _recorded_method(pipe, monkeypatch, edit_inputs, "cp_then_encode", seed)
     src_pts, trg_pts = drag.to_points(1 / 8)
     n_blur = len(border_points(trg_pts)) + len(src_pts)
     assert len(border_points(trg_pts)) > 0
