@@ -3,7 +3,7 @@
 Reads every ``benchmarks/results/*.json`` written by ``python -m regiondrag.engine bench`` (schema
 ``regiondrag-bench-pipeline/1``; other files, e.g. the kernel benchmark's, are ignored), keeps the
 comparable runs -- on a CUDA GPU, full-size SD-1.5 architecture, workloads at their own sizes and steps
-(no ``--size``/``--steps`` override) -- takes the LATEST run per GPU (by its ``timestamp``) and writes
+(no ``--size``/``--steps`` override), complete (an interrupted run's file says ``"complete": false``) -- takes the LATEST run per GPU (by its ``timestamp``) and writes
 one table between the markers in README.md. CPU runs are never listed: they are not GPU figures.
 
     python benchmarks/report.py [--results DIR] [--readme PATH] [--check]
@@ -43,7 +43,7 @@ def load_runs(results_dir: Path) -> list[dict]:
 
 def comparable(doc: dict) -> bool:
     settings = doc.get("settings", {})
-    return (doc.get("device_type") == "cuda" and bool(doc.get("full_size"))
+    return (doc.get("device_type") == "cuda" and bool(doc.get("full_size")) and doc.get("complete", True)
             and settings.get("size") is None and settings.get("steps") is None)
 
 

@@ -153,7 +153,9 @@ def test_report_regenerates_the_readme_table(tmp_path):
             "cpu-2025-04-01.json": _fake_run("CPU: AMD EPYC", "2025-04-01T10:00:00+00:00", 444.0, device_type="cpu"),
             "tiny-gpu.json": _fake_run("NVIDIA H100 80GB HBM3", "2025-05-01T10:00:00+00:00", 555.0, full_size=False),
             "smoke-gpu.json": _fake_run("NVIDIA H100 80GB HBM3", "2025-06-01T10:00:00+00:00", 666.0,
-                                        settings={"size": "128x128"})}
+                                        settings={"size": "128x128"}),
+            "partial-gpu.json": {**_fake_run("NVIDIA H100 80GB HBM3", "2025-07-01T10:00:00+00:00", 777.0),
+                                 "complete": False}}
     for name, doc in runs.items():
         (res / name).write_text(json.dumps(doc))
     (res / "kernels-NVIDIA_H100.json").write_text(json.dumps({"device": "NVIDIA H100", "region_ops": []}))
@@ -170,6 +172,7 @@ def test_report_regenerates_the_readme_table(tmp_path):
     assert "811.0" not in text
     assert "| NVIDIA H100 80GB HBM3 | default | torch | 133.0 |" in text  # tiny/smoke runs are not comparable
     assert "444.0" not in text and "CPU" not in text and "555.0" not in text and "666.0" not in text
+    assert "777.0" not in text  # an interrupted run is not listed
     assert "6.76×" in text  # 1500 / 222
     assert report.main(["--results", str(res), "--readme", str(readme), "--check"]) == 0
 
