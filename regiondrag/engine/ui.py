@@ -46,6 +46,9 @@ TIPS = {
     "region_points": "Paint the region to move on the left. Then click a handle point inside it and a target "
                      "point on the right, as many pairs as you like: the region follows the arrows.",
 }
+# Shown under the editor from Add/Undo/Clear until the editor reports its new background: a stroke made
+# while the editor is still loading it would be wiped when the load ends.
+LOADING = "⏳ Preparing the canvas… wait for the prompt to draw the next region."
 WORDS = {"region_pairs": "Region pairs", "polygon_pairs": "Polygon pairs", "region_points": "Region + points"}
 
 
@@ -268,12 +271,12 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             st = us.add_region(st, us.editor_mask(value, us.need_image(st).shape[:2]))
             k = len(st.masks)
             done = f"added {us.role_of(k - 1)} region {(k + 1) // 2} ({'red' if k % 2 else 'blue'})"
-            return (st, editor(st, "region_pairs", k), draw_hint(k), *_status(st, "region_pairs", done))
+            return (st, editor(st, "region_pairs", k), LOADING, *_status(st, "region_pairs", done))
 
         @guard(len(out_m))
         def on_regions(st, op):
             st = us.undo_region(st) if op == "undo" else us.clear_regions(st)
-            return (st, editor(st, "region_pairs", len(st.masks)), draw_hint(len(st.masks)),
+            return (st, editor(st, "region_pairs", len(st.masks)), LOADING,
                     *_status(st, "region_pairs", "removed the last region" if op == "undo" else "cleared"))
 
         @guard(1)
@@ -286,11 +289,13 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
                 return draw_hint(k)
             return f"{us.role_of(k).capitalize()} region {k // 2 + 1} drawn ({n} pixels): click **Add region**."
 
-        # The editors are read on `change`, never on `input`: gradio's ImageEditor dispatches `input` as soon as
-        # a stroke ends, before it has uploaded the stroke's layer, so an `input` handler can receive the value
-        # from before the stroke (more often on a loaded machine) and the stroke is never reported. `change`
-        # comes once the upload is done, and also when the page resets the editor (Add/Undo/Clear).
-        ed_m.change(on_drawn, [state, ed_m], note_m, trigger_mode="always_last")
+        # An editor is read on both events. gradio's ImageEditor dispatches `input` when a stroke ends (and when
+        # a new background has loaded), while its upload of the layers may still be running: that event can carry
+        # the value from before the stroke. `change` follows once the upload is done, with the stroke, but the
+        # editor drops the first one. Each event is answered with what it carries and the last answer is the
+        # latest value, so a stroke is never left unreported.
+        for event in (ed_m.input, ed_m.change):
+            event(on_drawn, [state, ed_m], note_m, trigger_mode="always_last")
         add_m.click(on_add_region, [state, ed_m], out_m)
         undo_m.click(lambda st: on_regions(st, "undo"), state, out_m)
         clear_m.click(lambda st: on_regions(st, "clear"), state, out_m)
@@ -338,7 +343,8 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             ed = editor(st, "region_points") if op == "clear" else gr.skip()
             return (st, _view(st, "region_points"), ed, *_status(st, "region_points"))
 
-        ed_r.change(on_region_drawn, [state, mode, ed_r], out_r, trigger_mode="always_last")  # see ed_m
+        for event in (ed_r.input, ed_r.change):  # as for ed_m
+            event(on_region_drawn, [state, mode, ed_r], out_r, trigger_mode="always_last")
         vis_r.select(on_point, state, out_r)
         undo_r.click(lambda st: on_points(st, "undo"), state, [state, vis_r, ed_r, prev, status])
         clear_r.click(lambda st: on_points(st, "clear"), state, [state, vis_r, ed_r, prev, status])
