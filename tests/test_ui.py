@@ -343,16 +343,16 @@ def test_views_are_written_once_per_content(state):
     """An identical view returned again is the same file, untouched (gradio would rewrite an array in place)."""
     import os
 
-    from regiondrag.engine import ui
+    from regiondrag.engine import ui_views
 
     view = us.render(state, "polygon_pairs")
-    path = ui._png(view)
+    path = ui_views.png_file(view)
     before = os.stat(path)
-    assert ui._png(view.copy()) == path and ui._png(Image.fromarray(view)) == path
+    assert ui_views.png_file(view.copy()) == path and ui_views.png_file(Image.fromarray(view)) == path
     after = os.stat(path)
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert np.array_equal(np.asarray(Image.open(path)), view)
     marked = vertices(state, (40, 40))
-    assert ui._png(us.render(marked, "polygon_pairs")) != path
-    assert ui._png(None) is None and ui._view(us.DragState(), "polygon_pairs") is None
+    assert ui_views.png_file(us.render(marked, "polygon_pairs")) != path
+    assert ui_views.png_file(None) is None and ui_views.view_png(us.DragState(), "polygon_pairs") is None
     assert not [n for n in os.listdir(os.path.dirname(path)) if n.endswith(".part")]

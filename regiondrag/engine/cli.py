@@ -205,14 +205,18 @@ def _add_ui_parser(sub) -> None:
                    "(random weights, for a quick look) (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
     p.add_argument("--ip-adapter", default="default", help="as for edit (default: h94/IP-Adapter)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--backend", default="torch", help="inference backend (default: torch)")
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help="inference backend (default: torch)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    p.add_argument("--port", type=int, default=7860, help="port, 1-65535 (default: 7860)")
 
 
 def cmd_ui(args) -> int:
+    from regiondrag.params import integer, resolve_device
+
     from .ui import run_ui  # imports gradio lazily; without it the error says how to install it
 
+    integer("--port", args.port, 1, 65535)
+    resolve_device(args.device)  # before the model loads
     return run_ui(args)
 
 

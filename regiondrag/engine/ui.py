@@ -5,16 +5,12 @@ rounded down), one tab per input mode (region pairs, polygon pairs, region + poi
 copy-paste preview, the parameters with the paper's UI defaults, Run and Save. The model is loaded
 once at start-up. All state and drawing lives in :mod:`regiondrag.ui_state` (pure functions, tested
 without a browser); this module only wires it to gradio. Every handler catches its errors and shows a
-message: the page never shows a stack trace (the server log has it for unexpected errors).
+message: the page never shows a stack trace (the server log has it for unexpected errors). Texts and
+the PNG views are in :mod:`regiondrag.engine.ui_views`.
 """
-import atexit
 import functools
-import hashlib
 import logging
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,34 +18,12 @@ import numpy as np
 
 from regiondrag import ui_state as us
 
+from .ui_views import (BRUSH_SIZE, CSS, HELP, LOADING, TIPS, WORDS, error_text, info_text, png_file,
+                       preview_and_status, view_png)
+
 log = logging.getLogger("regiondrag.ui")
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dog.png"
 DEFAULT_OUT = "outputs/ui"
-BRUSH_SIZE = 24
-CSS = "#status {min-height: 2.5em} #banner {font-size: 1.05em}"
-HELP = dict(
-    prompt="Describes the output image; the paper's default suits most images.",
-    method="Encode then CP: invert the image (SDE), then copy handle latents to the target at every step "
-           "(the paper's main method). CP then Encode: copy-paste pixels first (the preview), then invert.",
-    steps="Timestep grid size; start_t x steps of them are used for inversion and as many for sampling.",
-    start_t="Inversion depth as a fraction of the grid: higher allows bigger changes and runs longer.",
-    end_t="Meant as the fraction of final steps without copy-paste; as in the reference it only stops "
-          "copy-paste below timestep end_t x steps (README, QUIRK 3), so it rarely matters.",
-    noise_scale="Noise put on the handle region before sampling: higher removes more of its old content.",
-    seed="The same seed and inputs give the same result.",
-)
-TIPS = {
-    "region_pairs": "Paint a region with the brush and click **Add region**: the first is a handle (red), the "
-                    "next its target (blue), and so on in pairs. The handle's content is stretched onto the target.",
-    "polygon_pairs": "Click 3 (triangle) or 4 (quadrilateral) handle vertices (red), then as many target "
-                     "vertices (blue) in the same order. Give quadrilateral vertices in order around the outline.",
-    "region_points": "Paint the region to move on the left. Then click a handle point inside it and a target "
-                     "point on the right, as many pairs as you like: the region follows the arrows.",
-}
-# Shown under the editor from Add/Undo/Clear until the editor reports its new background: a stroke made
-# while the editor is still loading it would be wiped when the load ends.
-LOADING = "⏳ Preparing the canvas… wait for the prompt to draw the next region."
-WORDS = {"region_pairs": "Region pairs", "polygon_pairs": "Polygon pairs", "region_points": "Region + points"}
 
 
 def _gradio():
@@ -58,61 +32,6 @@ def _gradio():
     except ImportError as exc:
         raise ValueError("the web UI needs gradio: pip install -e '.[ui]'") from exc
     return gr
-
-
-def _info(msg: str) -> str:
-    return f"ℹ️ {msg}"
-
-
-def _error(msg: str) -> str:
-    return f"⚠️ **{msg[:1].upper() + msg[1:]}**"
-
-
-@functools.cache
-def _view_dir() -> str:
-    """This process's folder for view files (removed at exit)."""
-    folder = tempfile.mkdtemp(prefix="regiondrag-ui-")
-    atexit.register(shutil.rmtree, folder, True)
-    return folder
-
-
-def _png(image) -> str | None:
-    """``image`` (HxWx3 uint8 array or PIL image) as a PNG file named by its content, for a gradio output.
-
-    Returning an array makes gradio encode it and rewrite its cached copy in place on every return; an
-    identical view returned again (the same render after a tab switch, an editor reset, an undo) then
-    truncates the very file the browser may be fetching for the earlier one, and the page keeps a broken
-    image. A path is instead copied into gradio's cache once, by rename. This file is written once too:
-    atomically, and never again while it exists.
-    """
-    if image is None:
-        return None
-    from PIL import Image
-
-    arr = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
-    digest = hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()[:20]
-    path = os.path.join(_view_dir(), f"{digest}.png")
-    if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(dir=_view_dir(), suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format="png")
-        os.replace(tmp, path)
-    return path
-
-
-def _view(state, mode: str) -> str | None:
-    """The drawing for ``mode`` (image with regions, polygons or points) as a PNG path."""
-    return _png(us.render(state, mode)) if state.image is not None else None
-
-
-def _status(state, mode: str, done: str | None = None) -> tuple:
-    """(preview image path, status line) for ``mode``: the action's message, then what is missing."""
-    image, why = us.preview(state, mode)
-    pending = us.pending_note(state, mode)
-    parts = [p for p in (done, pending, None if pending else why) if p]
-    if not why and image is not None:
-        parts.append("preview updated")
-    return _png(image), _info("; ".join(parts)) if parts else ""
 
 
 def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
@@ -133,13 +52,13 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
                     log.exception("UI handler %s failed", fn.__name__)
                     msg = f"internal error ({type(exc).__name__}): {exc}; see the server log"
                 gr.Warning(msg)
-                return _error(msg) if n_out == 1 else (gr.skip(),) * (n_out - 1) + (_error(msg),)
+                return error_text(msg) if n_out == 1 else (gr.skip(),) * (n_out - 1) + (error_text(msg),)
             return wrapper
         return deco
 
     def editor(state, mode: str, next_index: int = 0):
         """Editor value with the mode's drawing as background; brush red for a handle, blue for a target."""
-        bg = _view(state, mode)
+        bg = view_png(state, mode)
         color = "#ff0000" if next_index % 2 == 0 else "#0000ff"
         value = None if bg is None else {"background": bg, "layers": [], "composite": None}
         return gr.ImageEditor(value=value, brush=gr.Brush(colors=[color], default_color=color,
@@ -163,7 +82,7 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
                                   sources=["upload", "clipboard"], elem_id="upload", height=260)
                 example = gr.Button("Use the example image", size="sm", visible=EXAMPLE.is_file())
             with gr.Column(scale=2):
-                status = gr.Markdown(_info("Upload an image to start."), elem_id="status")
+                status = gr.Markdown(info_text("Upload an image to start."), elem_id="status")
         with gr.Tabs():
             with gr.Tab(WORDS["region_pairs"], id="region_pairs", elem_id="tab-region-pairs") as tab_m:
                 gr.Markdown(TIPS["region_pairs"])
@@ -237,12 +156,12 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
         def on_image(image, n, md):
             if image is None:
                 return (us.DragState(shape=n), None, "", None, None, None, None, None, "", None,
-                        _info("Upload an image to start."))
+                        info_text("Upload an image to start."))
             st = us.new_state(image, shape=n)
             (h0, w0), (h, w) = st.meta["uploaded"], st.image.shape[:2]
-            pv, msg = _status(st, md, f"image fitted to the canvas: {w0}x{h0} → {w}x{h}")
-            return (st, editor(st, "region_pairs"), "", _view(st, "polygon_pairs"), editor(st, "region_points"),
-                    _view(st, "region_points"), pv, None, "", None, msg)
+            pv, msg = preview_and_status(st, md, f"image fitted to the canvas: {w0}x{h0} → {w}x{h}")
+            return (st, editor(st, "region_pairs"), "", view_png(st, "polygon_pairs"), editor(st, "region_points"),
+                    view_png(st, "region_points"), pv, None, "", None, msg)
 
         upload.upload(on_image, [upload, shape, mode], views)
         upload.clear(on_image, [upload, shape, mode], views)
@@ -257,7 +176,7 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
         def tab(name):
             @guard(3)
             def select(st):
-                return (name, *_status(st, name, f"mode: {WORDS[name]}"))
+                return (name, *preview_and_status(st, name, f"mode: {WORDS[name]}"))
             return select
 
         tab_m.select(tab("region_pairs"), state, [mode, prev, status])
@@ -271,13 +190,13 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             st = us.add_region(st, us.editor_mask(value, us.need_image(st).shape[:2]))
             k = len(st.masks)
             done = f"added {us.role_of(k - 1)} region {(k + 1) // 2} ({'red' if k % 2 else 'blue'})"
-            return (st, editor(st, "region_pairs", k), LOADING, *_status(st, "region_pairs", done))
+            return (st, editor(st, "region_pairs", k), LOADING, *preview_and_status(st, "region_pairs", done))
 
         @guard(len(out_m))
         def on_regions(st, op):
             st = us.undo_region(st) if op == "undo" else us.clear_regions(st)
             return (st, editor(st, "region_pairs", len(st.masks)), LOADING,
-                    *_status(st, "region_pairs", "removed the last region" if op == "undo" else "cleared"))
+                    *preview_and_status(st, "region_pairs", "removed the last region" if op == "undo" else "cleared"))
 
         @guard(1)
         def on_drawn(st, value):
@@ -305,12 +224,12 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
         @guard(len(out_p))
         def on_vertex(st, evt: gr.SelectData):
             st = us.add_vertex(st, evt.index)
-            return (st, _view(st, "polygon_pairs"), *_status(st, "polygon_pairs"))
+            return (st, view_png(st, "polygon_pairs"), *preview_and_status(st, "polygon_pairs"))
 
         @guard(len(out_p))
         def on_polygons(st, op, n=4):
             st = {"undo": us.undo_vertex, "clear": us.clear_polygons}[op](st) if op != "shape" else us.set_shape(st, n)
-            return (st, _view(st, "polygon_pairs"), *_status(st, "polygon_pairs"))
+            return (st, view_png(st, "polygon_pairs"), *preview_and_status(st, "polygon_pairs"))
 
         vis_p.select(on_vertex, state, out_p)
         undo_p.click(lambda st: on_polygons(st, "undo"), state, out_p)
@@ -326,22 +245,22 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             st = us.set_region(st, us.editor_mask(value, st.image.shape[:2]))
             n = 0 if st.region is None else int(st.region.sum())
             if md != "region_points":  # the hidden editor reporting its reset: keep the other tab's view
-                return st, _view(st, "region_points"), gr.skip(), gr.skip()
+                return st, view_png(st, "region_points"), gr.skip(), gr.skip()
             done = f"region drawn ({n} pixels)" if n else None
-            return (st, _view(st, "region_points"), *_status(st, "region_points", done))
+            return (st, view_png(st, "region_points"), *preview_and_status(st, "region_points", done))
 
         @guard(len(out_r))
         def on_point(st, evt: gr.SelectData):
             st = us.add_point(st, evt.index)
             k = len(st.points)
             done = f"{us.role_of(k - 1)} point {(k + 1) // 2} at ({st.points[-1][0]}, {st.points[-1][1]})"
-            return (st, _view(st, "region_points"), *_status(st, "region_points", done))
+            return (st, view_png(st, "region_points"), *preview_and_status(st, "region_points", done))
 
         @guard(len(out_r) + 1)
         def on_points(st, op):
             st = us.undo_point(st) if op == "undo" else us.clear_points(st)
             ed = editor(st, "region_points") if op == "clear" else gr.skip()
-            return (st, _view(st, "region_points"), ed, *_status(st, "region_points"))
+            return (st, view_png(st, "region_points"), ed, *preview_and_status(st, "region_points"))
 
         for event in (ed_r.input, ed_r.change):  # as for ed_m
             event(on_region_drawn, [state, mode, ed_r], out_r, trigger_mode="always_last")
@@ -363,7 +282,7 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             note = " (random weights: noise, not an edit)" if random_weights else ""
             msg = us.format_timings(res.timings) + note
             run = dict(state=st, mode=md, drag=drag, prompt=text, params=p, result=res.image)
-            return _png(res.image), msg, run, _info(f"done: {msg}; Save writes it to the output folder")
+            return png_file(res.image), msg, run, info_text(f"done: {msg}; Save writes it to the output folder")
 
         run_btn.click(on_run, [state, mode, prompt, *params], [result, timing, last, status])
 
@@ -379,7 +298,7 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
             us.save_edit(target, image, us.render(run["state"], run["mode"]), run["drag"].preview(image),
                          run["result"], run["drag"], run["prompt"], run["params"])
             extra = "" if run["result"] is not None else " (no result yet: run first to include it)"
-            return _info(f"saved to `{target}`{extra}. Replay: `{us.replay_command(target, model_name)}`")
+            return info_text(f"saved to `{target}`{extra}. Replay: `{us.replay_command(target, model_name)}`")
 
         save_btn.click(on_save, [last, state, mode, prompt, out_box, *params], status)
     return demo
