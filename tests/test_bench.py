@@ -76,6 +76,7 @@ def test_bench_command_on_cpu(tmp_path):
     assert "not GPU figures" in r.stdout and "not GPU figures" in r.stderr
     assert "| workload | backend | e2e median ms |" in r.stdout
     assert "[2/2] baseline 128x128 4 steps done" in r.stderr  # progress per measurement
+    assert "sampling:" not in r.stderr  # not the edits' own progress bars
     table = out.with_suffix(".md").read_text()  # the Markdown table file README promises
     assert "| workload | backend | e2e median ms |" in table and "| 128x128 4 steps | torch |" in table
     doc = json.loads(out.read_text())

@@ -149,6 +149,7 @@ def _edit_fn(backend: str, cfg: BenchConfig, say: Say):
 
     pipe = RegionDragPipeline.from_pretrained(cfg.model, ip_adapter=cfg.ip_adapter, device=cfg.device,
                                               dtype=cfg.dtype, backend=backend, build_progress=say)
+    pipe.set_progress_bar_config(disable=True)  # the benchmark reports its own progress, per measurement
 
     def edit(w: Workload, inp: Inputs):
         return pipe.edit(inp.image, inp.drag, prompt=w.prompt, method=w.method, steps=w.steps,
