@@ -144,3 +144,24 @@ def test_image_sides_are_bounded():
 
     with pytest.raises(ValueError, match="sides of at most 4096"):
         load_image(np.zeros((8, 4097, 3), np.uint8))
+
+
+def test_progress_bars_per_stage_and_the_callback(pipe):
+    """One bar per stage (the preview's inversion named apart), the callback told before every step,
+    and set_progress_bar_config as in diffusers."""
+    import io
+
+    img, drag = _case()
+    out, calls = io.StringIO(), []
+    bars = RegionDragPipeline(pipe.components)
+    bars.set_progress_bar_config(file=out, ascii=True)
+    bars.edit(img, drag, method="cp_then_encode", progress=lambda *a: calls.append(a), **FAST)
+    s = 2  # int(start_t * steps)
+    assert calls == [(stage, i, s) for stage in ("inversion (preview)", "inversion", "sampling") for i in range(s)]
+    text = out.getvalue()
+    for stage in ("inversion (preview)", "inversion", "sampling"):
+        assert f"{stage}: 100%" in text
+    silent = io.StringIO()
+    bars.set_progress_bar_config(disable=True, file=silent)
+    bars.edit(img, drag, **FAST)
+    assert silent.getvalue() == ""
