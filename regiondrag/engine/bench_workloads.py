@@ -47,7 +47,7 @@ def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     from PIL import Image
 
     grid = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(grid).resize((width, height), Image.BICUBIC))
+    return np.array(Image.fromarray(grid).resize((width, height), Image.BICUBIC))  # writable, for torch
 
 
 def ellipse_mask(width: int, height: int, cx: float, cy: float, ax: float, ay: float) -> np.ndarray:
