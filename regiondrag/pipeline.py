@@ -117,10 +117,10 @@ class RegionDragPipeline(RunsComponents):
     def _progress_bars(self, callback: Progress | None) -> StageBars:
         return StageBars(callback, getattr(self, "_bar_config", None))
 
-    def _generator(self, seed, generator: torch.Generator | None) -> tuple[torch.Generator, int | None]:
-        """The edit's one generator (§13): ``generator`` as given, else a new one seeded with ``seed``."""
+    def _generator(self, seed: int, generator: torch.Generator | None) -> tuple[torch.Generator, int | None]:
+        """The edit's one generator (§13): ``generator`` as given, else a new one seeded with ``seed``
+        (already checked)."""
         if generator is None:
-            seed = check_seed(seed)
             return torch.Generator(self.device).manual_seed(seed), seed
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
@@ -146,10 +146,10 @@ class RegionDragPipeline(RunsComponents):
         at each step, besides the progress bar (:meth:`set_progress_bar_config`). See README for every
         parameter.
         """
-        plan = check_edit_params(method, steps, start_t, end_t, noise_scale, self.components.scheduler_config,
-                                 seed, prompt)
+        # seed and prompt are checked (and normalised) once, here, rather than by check_edit_params
+        plan = check_edit_params(method, steps, start_t, end_t, noise_scale, self.components.scheduler_config)
         prompt = check_prompt(prompt)
-        gen, seed = self._generator(seed, generator)
+        gen, seed = self._generator(check_seed(seed), generator)
         sde = method == "encode_then_cp"
         timer = StageTimer(self.device)
         progress = self._progress_bars(progress)

@@ -135,13 +135,13 @@ def run_from_args(args, say: Say = lambda m: print(m, file=sys.stderr)) -> int:
         f"{cfg.warmup} warm-up + {cfg.runs} timed edits each; results go to {out}")
 
     def write(doc: dict) -> None:
+        doc["settings"].update(size=getattr(args, "size", None), steps=getattr(args, "steps", None))
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(doc, indent=1) + "\n")
         with atomic_path(table) as tmp:
             tmp.write_text(_heading(doc) + markdown_table(doc) + "\n\n" + "".join(f"{n}\n" for n in doc["notes"]))
 
     doc = run_bench(cfg, say, on_update=write)
-    doc["settings"].update(size=getattr(args, "size", None), steps=getattr(args, "steps", None))
     doc["chart"] = None
     if not args.no_chart:
         if write_chart(doc, chart):

@@ -14,6 +14,8 @@ import numpy as np
 
 from regiondrag import ui_state as us
 
+from .paths import atomic_path
+
 BRUSH_SIZE = 24
 CSS = "#status {min-height: 2.5em} #banner {font-size: 1.05em}"
 HELP = dict(
@@ -74,10 +76,8 @@ def png_file(image) -> str | None:
     digest = hashlib.sha1(repr(arr.shape).encode() + arr.tobytes()).hexdigest()[:20]
     path = os.path.join(_view_dir(), f"{digest}.png")
     if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(dir=_view_dir(), suffix=".part")
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(arr).save(tmp, format="png")
     return path
 
 
