@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import regiondrag as rd
-from regiondrag.engine import bench
+from regiondrag.engine import bench_workloads
 from helpers import METHOD_NAMES, TINY_IP, TINY_SD15, TOLERANCES, golden_case, reference_components
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def test_report_regenerates_the_readme_table(tmp_path):
     report = _load("report")
     from regiondrag.engine import bench  # the report keeps its own copies of the names (it needs no torch)
 
-    assert report.BACKENDS == bench.BACKENDS and report.WORKLOADS == tuple(bench.WORKLOADS)
+    assert report.BACKENDS == bench.BACKENDS and report.WORKLOADS == tuple(bench_workloads.WORKLOADS)
     res = tmp_path / "results"
     res.mkdir()
     runs = {"gpu-a-old.json": _fake_run("NVIDIA A100-SXM4-80GB", "2025-01-01T10:00:00+00:00", 811.0),
@@ -209,7 +209,7 @@ def test_cpu_default_is_a_labelled_smoke_run():
     assert [(w.name, w.width, w.height, w.method) for w in cfg.workloads] == [
         ("256x256", 256, 256, "encode_then_cp"), ("256x256 cp_then_encode", 256, 256, "cp_then_encode")]
     full = config_from_args(_bench_args("--full"), lambda m: None)
-    assert not full.smoke and full.runs == 10 and [w.name for w in full.workloads] == list(bench.WORKLOADS)
+    assert not full.smoke and full.runs == 10 and [w.name for w in full.workloads] == list(bench_workloads.WORKLOADS)
     # Overridden sizes collapse workloads that became the same edit, each named by what runs.
     sized = config_from_args(_bench_args("--full", "--size", "128x64", "--steps", "10"), lambda m: None)
     assert [w.name for w in sized.workloads] == ["128x64 10 steps", "128x64 cp_then_encode 10 steps"]
@@ -219,7 +219,7 @@ def test_results_are_written_after_each_measurement(tmp_path):
     """An interrupted run keeps what it measured: the document is handed over after every row."""
     from regiondrag.engine.bench import BenchConfig, run_bench
 
-    w = replace(bench.WORKLOADS["default"], name="tiny64", width=64, height=64, steps=4)
+    w = replace(bench_workloads.WORKLOADS["default"], name="tiny64", width=64, height=64, steps=4)
     cfg = BenchConfig(model="tiny", ip_adapter=None, device=torch.device("cpu"), dtype=torch.float32,
                       backends=["torch", "baseline"], workloads=[w, replace(w, name="tiny64b", seed=1)],
                       runs=1, warmup=1)

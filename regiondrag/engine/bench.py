@@ -19,7 +19,7 @@ document (a JSON file rewritten after each measurement, a Markdown table and a P
   ``sampling``) as the pipeline records them. Median and p90.
   ``peak_mem_gb``: ``torch.cuda.max_memory_allocated`` over the timed runs (GiB, weights included;
   TensorRT / ONNX Runtime allocations outside torch show in ``device_mem_used_gb`` instead).
-* Achieved TFLOP/s per stage for the SD-1.5 architecture from nominal costs (:data:`NOMINAL_TFLOP`,
+* Achieved TFLOP/s per stage for the SD-1.5 architecture from nominal costs (``bench_workloads.NOMINAL_TFLOP``,
   scaled by pixel count) against a matmul ceiling measured in the same run.
 
 Weights: ``--model`` when given (``weights: "real"`` unless the model is a random one); otherwise
@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 
 from .backends import BACKENDS as ENGINE_BACKENDS
-from .bench_workloads import NOMINAL_TFLOP, WORKLOADS, Inputs, Workload, make_inputs, nominal_tflop  # noqa: F401 (re-exported)
+from .bench_workloads import Inputs, Workload, make_inputs, nominal_tflop
 from .hardware import _torch, clock, collect_versions, device_key, device_name, free, matmul_ceiling
 
 SCHEMA = "regiondrag-bench-pipeline/1"
@@ -307,16 +307,18 @@ def run_bench(cfg: BenchConfig, say: Say = lambda m: None, on_update: Callable[[
     latents: dict = {}
     rows: list[dict] = []
     eta = _Eta(len(cfg.backends) * len(cfg.workloads), say)
+    # What every document of this run shares, gathered once (versions may ask nvidia-smi).
+    fixed = dict(started=started, ceiling=ceiling, inputs=inputs, versions=collect_versions(dev))
 
     def row_done(row: dict) -> None:
         rows.append(row)
         eta.step(f"{row['backend']} {row['workload']}")
         if on_update is not None:
-            on_update(_document(cfg, rows, meta, latents, ceiling, inputs, started, complete=False))
+            on_update(_document(cfg, rows, meta, latents, fixed, complete=False))
 
     for backend in cfg.backends:
         _bench_backend(backend, cfg, inputs, say, meta, latents, row_done)
-    return _document(cfg, rows, meta, latents, ceiling, inputs, started, complete=True)
+    return _document(cfg, rows, meta, latents, fixed, complete=True)
 
 
 class _Eta:
@@ -337,9 +339,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def _document(cfg: BenchConfig, rows: list, meta: dict, latents: dict, ceiling: dict, inputs: dict,
-              started, complete: bool) -> dict:
-    """The result document for the rows measured so far."""
+def _document(cfg: BenchConfig, rows: list, meta: dict, latents: dict, fixed: dict, complete: bool) -> dict:
+    """The result document for the rows measured so far (``fixed``: what :func:`run_bench` gathered once)."""
+    ceiling, inputs = fixed["ceiling"], fixed["inputs"]
     rows = [dict(r) for r in rows]  # derived fields are added to copies: a partial write changes nothing
     ratios = _add_derived(rows, latents, ceiling["tflops"], meta.get("full_size", False))
     dev = cfg.device
@@ -357,14 +359,14 @@ def _document(cfg: BenchConfig, rows: list, meta: dict, latents: dict, ceiling: 
     if not complete:
         notes.append("INCOMPLETE: the run was still going (or was interrupted) when this was written")
     return _finite({
-        "schema": SCHEMA, "timestamp": started.isoformat(timespec="seconds"), "complete": complete,
+        "schema": SCHEMA, "timestamp": fixed["started"].isoformat(timespec="seconds"), "complete": complete,
         "smoke": cfg.smoke,
         "device": device_name(dev), "device_type": dev.type, "device_key": device_key(dev),
         "dtype": str(cfg.dtype).replace("torch.", ""), "model": cfg.model,
         "weights": "random" if meta.get("random_weights", cfg.model in ("tiny", "random-sd15")) else "real",
         "full_size": meta.get("full_size"), "ip_adapter": meta.get("ip_adapter"),
         "model_fingerprint": meta.get("fingerprint"),
-        "versions": collect_versions(dev), "matmul": ceiling, "matmul_tflops": ceiling["tflops"],
+        "versions": fixed["versions"], "matmul": ceiling, "matmul_tflops": ceiling["tflops"],
         "settings": {"runs": cfg.runs, "warmup": cfg.warmup, "backends": list(cfg.backends),
                      "workloads": [w.name for w in cfg.workloads]},
         "workloads": {w.name: {**asdict(w), "region_fraction": inputs[w.name].region_fraction}

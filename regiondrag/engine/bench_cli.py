@@ -13,9 +13,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from .bench import (BACKENDS, CPU_NOTE, REPO, SMOKE_NOTE, WORKLOADS, BenchConfig, Say, Workload, _torch,
-                    default_backends, run_bench, unavailable_reason)
+from .bench import (BACKENDS, CPU_NOTE, REPO, SMOKE_NOTE, BenchConfig, Say, _torch, default_backends, run_bench,
+                    unavailable_reason)
 from .bench_output import markdown_table, write_chart
+from .bench_workloads import WORKLOADS, Workload
 from .hardware import device_key
 
 # The CPU default: every backend, both methods, in a few minutes on 2 cores. Explicit options override it.
