@@ -132,15 +132,17 @@ def status(page) -> str:
 
 
 def wait_text(page, sel: str, text: str, timeout_ms: int = WAIT_MS) -> str:
-    """Wait until the element ``sel`` says ``text`` (case-insensitive); return what it says."""
+    """Wait until the element ``sel`` says ``text`` (case-insensitive); return what it said then (not a
+    second read, which a later event may already have changed)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
+    js = ("([s, t]) => { const x = document.querySelector(s).innerText;"
+          " return x.toLowerCase().includes(t) ? x : null; }")
     try:
-        page.wait_for_function("([s, t]) => document.querySelector(s).innerText.toLowerCase().includes(t)",
-                               arg=[sel, text.lower()], timeout=timeout_ms)
+        said = page.wait_for_function(js, arg=[sel, text.lower()], timeout=timeout_ms)
     except PlaywrightTimeout:
         pytest.fail(f"{sel} never said {text!r}; it says {page.locator(sel).inner_text()!r}")
-    return page.locator(sel).inner_text()
+    return said.json_value()
 
 
 def wait_status(page, text: str) -> str:

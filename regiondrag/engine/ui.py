@@ -175,13 +175,18 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
         # ---------------------------------------------------------------- modes
         def tab(name):
             @guard(3)
-            def select(st):
+            def select(st, md):
+                # The tabs also report the tab already shown (once when the page is first drawn, which on a
+                # loaded machine can be answered after an upload, with the state from before it): nothing
+                # changes then, so the status line keeps what the upload said.
+                if md == name:
+                    return (gr.skip(),) * 3
                 return (name, *preview_and_status(st, name, f"mode: {WORDS[name]}"))
             return select
 
-        tab_m.select(tab("region_pairs"), state, [mode, prev, status])
-        tab_p.select(tab("polygon_pairs"), state, [mode, prev, status])
-        tab_r.select(tab("region_points"), state, [mode, prev, status])
+        tab_m.select(tab("region_pairs"), [state, mode], [mode, prev, status])
+        tab_p.select(tab("polygon_pairs"), [state, mode], [mode, prev, status])
+        tab_r.select(tab("region_points"), [state, mode], [mode, prev, status])
 
         out_m = [state, ed_m, note_m, prev, status]
 
