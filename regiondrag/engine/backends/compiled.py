@@ -44,8 +44,13 @@ class CudaGraphed:
 class _Package:
     """A loaded AOTInductor package called like the eager network."""
 
-    def __init__(self, path: Path, spec, cuda_graph: bool):
-        self.fn = torch._inductor.aoti_load_package(str(path))
+    def __init__(self, path: Path, spec, cuda_graph: bool, device: torch.device):
+        # The default (thread-safe) container records and queries CUDA events in every run, which a
+        # stream under CUDA-graph capture refuses; the single-threaded one does not (torch >= 2.7).
+        index = device.index if device.type == "cuda" and device.index is not None else -1
+        if device.type == "cuda" and index < 0:
+            index = torch.cuda.current_device()
+        self.fn = torch._inductor.aoti_load_package(str(path), run_single_threaded=cuda_graph, device_index=index)
         self.cuda_graph = CudaGraphed(self._call, spec.sample()) if cuda_graph else None
 
     def _call(self, *args):
@@ -76,7 +81,7 @@ class CompiledRunner(CompiledRunnerBase):
             torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / f"{network}.pt2"))
 
     def load(self, network, spec, art_dir: Path):
-        return _Package(art_dir / f"{network}.pt2", spec, cuda_graph=self.device.type == "cuda")
+        return _Package(art_dir / f"{network}.pt2", spec, cuda_graph=self.device.type == "cuda", device=self.device)
 
     def prepare(self, height: int, width: int) -> None:
         super().prepare(height, width)
