@@ -87,6 +87,25 @@ def editor_mask(value, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def editor_shows(value, image) -> bool:
+    """Whether an image-editor value was read over ``image`` (its background is that picture).
+
+    After Add/Undo/Clear the page gives the editor a new background; until the browser has loaded it,
+    the editor still reports (and uploads) values over the previous one. Such a value is stale: its
+    strokes belong to the region already added, and a stroke made then is wiped by the load.
+    """
+    bg = value.get("background") if isinstance(value, dict) else None
+    if bg is None or image is None:
+        return False
+    bg = np.asarray(bg)
+    if bg.ndim != 3 or bg.shape[:2] != image.shape[:2] or bg.shape[2] < 3:
+        return False
+    # PNG both ways: the same picture comes back exactly; allow a little rounding on a few pixels only,
+    # since a new region's tint may cover a small part of the image.
+    differ = (np.abs(bg[..., :3].astype(np.int16) - image[..., :3]) > 2).any(axis=2)
+    return int(differ.sum()) <= max(2, differ.size // 10_000)
+
+
 # ------------------------------------------------------------------------------------------- state
 @dataclass(frozen=True, eq=False)
 class DragState:

@@ -76,6 +76,18 @@ def test_editor_mask_unions_layer_alpha_and_resizes():
     assert us.editor_mask({"layers": [rgb, None]}, (H, W)).sum() == 1
 
 
+def test_editor_shows_only_its_current_background(state):
+    """A value read over an earlier background (before Add/Undo/Clear reached the browser) is stale."""
+    shown = us.render(state, "region_pairs")
+    value = {"background": np.dstack([shown, np.full((H, W), 255, np.uint8)]), "layers": [], "composite": None}
+    assert us.editor_shows(value, shown)
+    after_add = us.render(regions(state, box(100, 150, 100, 160)), "region_pairs")  # the new region tinted
+    assert not us.editor_shows(value, after_add)
+    assert not us.editor_shows({"background": shown[::2, ::2]}, shown)
+    assert not us.editor_shows({"background": None, "layers": []}, shown)
+    assert not us.editor_shows(None, shown)
+
+
 # ------------------------------------------------------------------------------------ region pairs
 def test_regions_alternate_handle_and_target(state):
     handle, target = box(100, 150, 100, 160), box(100, 150, 300, 380)
@@ -337,6 +349,38 @@ def test_page_builds_with_a_stub_pipeline():
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"upload", "editor-m", "vis-p", "editor-r", "vis-r", "preview", "result", "run", "save", "status",
             "banner", "steps", "start-t", "end-t", "noise-scale", "seed", "prompt"} <= ids
+
+
+def _page_handler(demo, name):
+    (fn,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name][:1]
+    return fn
+
+
+def test_page_refuses_a_stale_editor_value(state):
+    """A second click on Add region (or one before the new canvas loaded) must not add the handle's
+    strokes again as the target; the note keeps saying the canvas is loading until it has loaded."""
+    pytest.importorskip("gradio", reason="the page needs gradio (pip install -e '.[ui]')")
+    import torch
+
+    from regiondrag.engine import ui
+
+    class Stub:
+        device, dtype = torch.device("cpu"), torch.float32
+        components = type("C", (), {"random_weights": True})()
+
+    demo = ui.build_app(Stub(), "tiny")
+    add, drawn = _page_handler(demo, "on_add_region"), _page_handler(demo, "on_drawn")
+    layer = np.zeros((H, W, 4), np.uint8)
+    layer[100:150, 100:160, 3] = 255
+    value = {"background": us.render(state, "region_pairs"), "layers": [layer], "composite": None}
+    assert "Handle region 1 drawn (3000 pixels)" in drawn(state, value)
+    st = add(state, value)[0]
+    assert len(st.masks) == 1
+    again = add(st, value)  # the same value again: refused, the state left as it was
+    assert "still loading" in again[-1] and not isinstance(again[0], us.DragState)
+    assert not isinstance(drawn(st, value), str)  # skipped: the note is not overwritten
+    fresh = {"background": us.render(st, "region_pairs"), "layers": [], "composite": None}
+    assert "Draw target region 1" in drawn(st, fresh)
 
 
 def test_views_are_written_once_per_content(state):

@@ -101,6 +101,8 @@ def browser(tmp_path_factory):
 @pytest.fixture
 def page(browser, server):
     pg = browser.new_page()
+    pg.console_lines = []
+    pg.on("console", lambda m: pg.console_lines.append(f"{m.type}: {m.text}"[:300]))
     pg.set_default_timeout(WAIT_MS)
     pg.goto(server)
     pg.wait_for_selector("#banner")
@@ -131,21 +133,28 @@ def status(page) -> str:
     return page.locator("#status").inner_text()
 
 
-def wait_text(page, sel: str, text: str, timeout_ms: int = WAIT_MS) -> str:
-    """Wait until the element ``sel`` says ``text`` (case-insensitive); return what it said then (not a
-    second read, which a later event may already have changed)."""
+def wait_text(page, sel: str, text: str | tuple[str, ...], timeout_ms: int = WAIT_MS) -> str:
+    """Wait until the element ``sel`` says ``text`` (case-insensitive; a tuple: any of them); return what it
+    said then (not a second read, which a later event may already have changed)."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    js = ("([s, t]) => { const x = document.querySelector(s).innerText;"
-          " return x.toLowerCase().includes(t) ? x : null; }")
+    texts = [t.lower() for t in ((text,) if isinstance(text, str) else text)]
+    js = ("([s, ts]) => { const x = document.querySelector(s).innerText;"
+          " return ts.some(t => x.toLowerCase().includes(t)) ? x : null; }")
     try:
-        said = page.wait_for_function(js, arg=[sel, text.lower()], timeout=timeout_ms)
+        said = page.wait_for_function(js, arg=[sel, texts], timeout=timeout_ms)
     except PlaywrightTimeout:
-        pytest.fail(f"{sel} never said {text!r}; it says {page.locator(sel).inner_text()!r}")
+        pytest.fail(f"{sel} never said {text!r}; it says {page.locator(sel).inner_text()!r}{console_tail(page)}")
     return said.json_value()
 
 
-def wait_status(page, text: str) -> str:
+def console_tail(page, n: int = 15) -> str:
+    """The page's last console messages, for a failure message."""
+    lines = getattr(page, "console_lines", [])[-n:]
+    return ("\nbrowser console (last lines):\n" + "\n".join(lines)) if lines else ""
+
+
+def wait_status(page, text: str | tuple[str, ...]) -> str:
     return wait_text(page, "#status", text)
 
 
@@ -172,8 +181,7 @@ def draw(page, editor: str, note: str, expect: str, dx: float, dy: float = 0.0, 
     """Paint a stroke until the page reports it (``expect`` in ``note``).
 
     gradio's ImageEditor drops a stroke made while it is still loading a new background (it resets
-    its layers when the load ends), which on a loaded machine can last past its own ready report; a
-    user would simply paint again, and so does the test (at most 3 times).
+    its layers when the load ends); a user would simply paint again, and so does the test (at most 3 times).
     """
     for attempt in range(3):
         time.sleep(1.0)  # let the editor settle
@@ -185,7 +193,30 @@ def draw(page, editor: str, note: str, expect: str, dx: float, dy: float = 0.0, 
             return
         except pytest.fail.Exception:
             continue
-    pytest.fail(f"{editor}: three strokes, none reported ({note} says {page.locator(note).inner_text()!r})")
+    pytest.fail(f"{editor}: three strokes, none reported ({note} says {page.locator(note).inner_text()!r})"
+                f"{console_tail(page)}")
+
+
+def add_region(page, which: str, dx: float, dy: float = 0.0) -> str:
+    """Paint region ``which`` ("handle region 1", ...) on the region-pairs editor and add it, as a user does:
+    wait for the page's prompt, paint, look for the note, click Add region. The status line, computed
+    from what the click read off the canvas, decides: a stroke the canvas lost is painted again (at most
+    3 times). Returns the status line."""
+    wait_text(page, "#note-m", f"draw {which}")  # the page prompts only once the editor shows its canvas
+    for attempt in range(3):
+        time.sleep(0.5)
+        stroke(page, "#editor-m", dx, dy)
+        try:
+            wait_text(page, "#note-m", f"{which} drawn", timeout_ms=20_000)
+        except pytest.fail.Exception:
+            print(f"#note-m did not report {which} (attempt {attempt + 1}): clicking Add region anyway")
+        page.click("#add-region")
+        said = wait_status(page, (f"added {which}", "nothing drawn", "still loading"))
+        if f"added {which}" in said.lower():
+            return said
+        print(f"Add region on attempt {attempt + 1}: {said!r}")  # visible with -s: should not happen
+    page.screenshot(path=str(Path(os.environ.get("REGIONDRAG_ARTIFACTS") or "/tmp") / "ui_lost_strokes.png"))
+    pytest.fail(f"{which}: painted 3 times, never added (status: {status(page)!r}){console_tail(page)}")
 
 
 def click_image(page, sel: str, fx: float, fy: float) -> None:
@@ -223,15 +254,8 @@ def test_region_pairs_run_save_and_replay(page, env, image_file, artifacts, tmp_
     t0 = time.time()
     assert "RANDOM weights" in page.locator("#banner").inner_text()
     upload(page, image_file)
-    # The editor reports when it shows a new background; a stroke made before that would be wiped.
-    wait_text(page, "#note-m", "draw handle region 1")
-    draw(page, "#editor-m", "#note-m", "handle region 1 drawn", -90)  # handle on the left
-    page.click("#add-region")
-    assert "no target yet" in wait_status(page, "added handle region 1")
-    wait_text(page, "#note-m", "draw target region 1")
-    draw(page, "#editor-m", "#note-m", "target region 1 drawn", 90, 20)  # target: right, a little lower
-    page.click("#add-region")
-    assert "preview updated" in wait_status(page, "added target region 1")
+    assert "no target yet" in add_region(page, "handle region 1", -90)  # handle on the left
+    assert "preview updated" in add_region(page, "target region 1", 90, 20)  # target: right, a little lower
     assert natural_size(page, "#preview") == (512, 384)
 
     # Few timesteps keep the run short (start_t 0.1 of 20 steps: 2 inversion + 2 sampling steps).

@@ -190,9 +190,17 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
 
         out_m = [state, ed_m, note_m, prev, status]
 
+        def stale(st, value) -> bool:
+            """The editor's value is from before its newest background loaded (see us.editor_shows)."""
+            return not us.editor_shows(value, us.render(st, "region_pairs"))
+
         @guard(len(out_m))
         def on_add_region(st, value):
-            st = us.add_region(st, us.editor_mask(value, us.need_image(st).shape[:2]))
+            us.need_image(st)
+            if stale(st, value):  # e.g. a second click on Add region before the canvas has reset
+                raise ValueError("the canvas is still loading the last change: wait for the prompt under "
+                                 "it, then draw the next region")
+            st = us.add_region(st, us.editor_mask(value, st.image.shape[:2]))
             k = len(st.masks)
             done = f"added {us.role_of(k - 1)} region {(k + 1) // 2} ({'red' if k % 2 else 'blue'})"
             return (st, editor(st, "region_pairs", k), LOADING, *preview_and_status(st, "region_pairs", done))
@@ -205,7 +213,7 @@ def build_app(pipe, model_name: str, out_dir: str = DEFAULT_OUT):
 
         @guard(1)
         def on_drawn(st, value):
-            if st.image is None:
+            if st.image is None or stale(st, value):  # keep the note (LOADING) until the new canvas reports
                 return gr.skip()
             n = int(us.editor_mask(value, st.image.shape[:2]).sum())
             k = len(st.masks)
