@@ -3,8 +3,9 @@
 Reads every ``benchmarks/results/*.json`` written by ``python -m regiondrag.engine bench`` (schema
 ``regiondrag-bench-pipeline/1``; other files, e.g. the kernel benchmark's, are ignored), keeps the
 comparable runs -- on a CUDA GPU, full-size SD-1.5 architecture, workloads at their own sizes and steps
-(no ``--size``/``--steps`` override), complete (an interrupted run's file says ``"complete": false``) -- takes the LATEST run per GPU (by its ``timestamp``) and writes
-one table between the markers in README.md. CPU runs are never listed: they are not GPU figures.
+(no ``--size``/``--steps`` override), complete (an interrupted run's file says ``"complete": false``) --
+takes the LATEST run per GPU (by its ``timestamp``) and writes one table between the markers in README.md.
+CPU runs are never listed: they are not GPU figures.
 
     python benchmarks/report.py [--results DIR] [--readme PATH] [--check]
 

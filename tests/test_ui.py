@@ -335,7 +335,8 @@ def test_missing_gradio_is_a_one_line_error(monkeypatch):
         ui._gradio()
 
 
-def test_page_builds_with_a_stub_pipeline():
+def _stub_page():
+    """The page built around a stub pipeline (no model)."""
     pytest.importorskip("gradio", reason="the page needs gradio (pip install -e '.[ui]')")
     import torch
 
@@ -345,30 +346,25 @@ def test_page_builds_with_a_stub_pipeline():
         device, dtype = torch.device("cpu"), torch.float32
         components = type("C", (), {"random_weights": True})()
 
-    demo = ui.build_app(Stub(), "tiny")
+    return ui.build_app(Stub(), "tiny")
+
+
+def test_page_builds_with_a_stub_pipeline():
+    demo = _stub_page()
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
     assert {"upload", "editor-m", "vis-p", "editor-r", "vis-r", "preview", "result", "run", "save", "status",
             "banner", "steps", "start-t", "end-t", "noise-scale", "seed", "prompt"} <= ids
 
 
 def _page_handler(demo, name):
-    (fn,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name][:1]
-    return fn
+    """The page's handler function called ``name`` (the first event it is wired to)."""
+    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name)
 
 
 def test_page_refuses_a_stale_editor_value(state):
     """A second click on Add region (or one before the new canvas loaded) must not add the handle's
     strokes again as the target; the note keeps saying the canvas is loading until it has loaded."""
-    pytest.importorskip("gradio", reason="the page needs gradio (pip install -e '.[ui]')")
-    import torch
-
-    from regiondrag.engine import ui
-
-    class Stub:
-        device, dtype = torch.device("cpu"), torch.float32
-        components = type("C", (), {"random_weights": True})()
-
-    demo = ui.build_app(Stub(), "tiny")
+    demo = _stub_page()
     add, drawn = _page_handler(demo, "on_add_region"), _page_handler(demo, "on_drawn")
     layer = np.zeros((H, W, 4), np.uint8)
     layer[100:150, 100:160, 3] = 255

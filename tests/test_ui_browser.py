@@ -197,7 +197,7 @@ def draw(page, editor: str, note: str, expect: str, dx: float, dy: float = 0.0, 
                 f"{console_tail(page)}")
 
 
-def add_region(page, which: str, dx: float, dy: float = 0.0) -> str:
+def add_region(page, artifacts: Path, which: str, dx: float, dy: float = 0.0) -> str:
     """Paint region ``which`` ("handle region 1", ...) on the region-pairs editor and add it, as a user does:
     wait for the page's prompt, paint, look for the note, click Add region. The status line, computed
     from what the click read off the canvas, decides: a stroke the canvas lost is painted again (at most
@@ -215,7 +215,7 @@ def add_region(page, which: str, dx: float, dy: float = 0.0) -> str:
         if f"added {which}" in said.lower():
             return said
         print(f"Add region on attempt {attempt + 1}: {said!r}")  # visible with -s: should not happen
-    page.screenshot(path=str(Path(os.environ.get("REGIONDRAG_ARTIFACTS") or "/tmp") / "ui_lost_strokes.png"))
+    page.screenshot(path=str(artifacts / "ui_lost_strokes.png"), full_page=True)
     pytest.fail(f"{which}: painted 3 times, never added (status: {status(page)!r}){console_tail(page)}")
 
 
@@ -254,8 +254,8 @@ def test_region_pairs_run_save_and_replay(page, env, image_file, artifacts, tmp_
     t0 = time.time()
     assert "RANDOM weights" in page.locator("#banner").inner_text()
     upload(page, image_file)
-    assert "no target yet" in add_region(page, "handle region 1", -90)  # handle on the left
-    assert "preview updated" in add_region(page, "target region 1", 90, 20)  # target: right, a little lower
+    assert "no target yet" in add_region(page, artifacts, "handle region 1", -90)  # handle on the left
+    assert "preview updated" in add_region(page, artifacts, "target region 1", 90, 20)  # target: right, a little lower
     assert natural_size(page, "#preview") == (512, 384)
 
     # Few timesteps keep the run short (start_t 0.1 of 20 steps: 2 inversion + 2 sampling steps).

@@ -17,8 +17,6 @@ NOMINAL_TFLOP = {"unet": 0.80, "vae_encoder": 1.12, "vae_decoder": 2.52, "image_
 
 
 @dataclass(frozen=True)
-
-
 class Workload:
     """One benchmarked edit. ``width`` x ``height`` in pixels."""
 
@@ -67,8 +65,6 @@ def region_pair(width: int, height: int):
 
 
 @dataclass
-
-
 class Inputs:
     image: np.ndarray
     drag: object

@@ -47,9 +47,9 @@ class _Package:
     def __init__(self, path: Path, spec, cuda_graph: bool, device: torch.device):
         # The default (thread-safe) container records and queries CUDA events in every run, which a
         # stream under CUDA-graph capture refuses; the single-threaded one does not (torch >= 2.7).
-        index = device.index if device.type == "cuda" and device.index is not None else -1
-        if device.type == "cuda" and index < 0:
-            index = torch.cuda.current_device()
+        index = -1  # CPU: the package's default
+        if device.type == "cuda":
+            index = torch.cuda.current_device() if device.index is None else device.index
         self.fn = torch._inductor.aoti_load_package(str(path), run_single_threaded=cuda_graph, device_index=index)
         self.cuda_graph = CudaGraphed(self._call, spec.sample()) if cuda_graph else None
 
