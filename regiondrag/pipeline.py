@@ -158,6 +158,7 @@ class RegionDragPipeline(RunsComponents):
         with timer("inputs"):
             inp = prepare_inputs(image, drag, mask, preview, need_preview=not sde)
             pts = self._point_lists(inp, sde)
+        with timer("prepare"):  # compiled backends: build or load the artifacts for this shape (once)
             self.runner.prepare(*inp.image.shape[:2])
         # 2. conditioning
         with timer("text_encode"):

@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
+
+_STAGE: ContextVar[str | None] = ContextVar("regiondrag_stage", default=None)
+
+
+def current_stage() -> str | None:
+    """The stage a :class:`StageTimer` is timing in this context now (None outside every stage)."""
+    return _STAGE.get()
 
 
 class StageTimer:
@@ -29,9 +37,11 @@ class StageTimer:
     @contextmanager
     def __call__(self, stage: str):
         start = self._now()
+        token = _STAGE.set(stage)
         try:
             yield
         finally:
+            _STAGE.reset(token)
             self._marks.append((stage, start, self._now()))
 
     def finish(self) -> dict[str, float]:

@@ -231,3 +231,34 @@ def test_results_are_written_after_each_measurement(tmp_path):
     assert [m.split(" done")[0] for m in said if m.startswith("[")] == [
         "[1/4] torch tiny64", "[2/4] torch tiny64b", "[3/4] baseline tiny64", "[4/4] baseline tiny64b"]
     assert "left" in [m for m in said if m.startswith("[1/4]")][0]
+
+
+def test_a_backend_killed_midway_costs_only_its_rows(tmp_path):
+    """Each backend runs in its own process: one killed (as the kernel kills for memory) is recorded as
+    errors for its workloads and the next backend still runs; every row records the peak host memory."""
+    import multiprocessing
+    import signal
+
+    from regiondrag.engine.bench import BenchConfig, run_bench
+
+    w = replace(bench_workloads.WORKLOADS["default"], name="tiny64", width=64, height=64, steps=4)
+    cfg = BenchConfig(model="tiny", ip_adapter=None, device=torch.device("cpu"), dtype=torch.float32,
+                      backends=["torch", "baseline"], workloads=[w, replace(w, name="tiny64b", seed=1)],
+                      runs=1, warmup=1)
+    killed = []
+
+    def say(message):
+        if message.startswith("torch: loading") and not killed:
+            for child in multiprocessing.active_children():
+                if child.name == "bench-torch":
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed.append(child.pid)
+
+    doc = run_bench(cfg, say)
+    assert killed
+    rows = {(r["backend"], r["workload"]): r for r in doc["results"]}
+    for name in ("tiny64", "tiny64b"):
+        assert "exited with code -9" in rows[("torch", name)]["error"]
+        ok = rows[("baseline", name)]
+        assert ok["error"] is None and 0 < ok["peak_rss_gb"] < 64
+    assert doc["complete"] is True

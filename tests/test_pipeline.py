@@ -148,7 +148,7 @@ def test_no_host_sync_inside_the_step_loops():
 def test_timings_cover_every_stage(pipe):
     drag = rd.RegionPairs([_rect(64, 64, 8, 8, 32, 32)], [_rect(64, 64, 30, 24, 54, 48)])
     t = pipe.edit(_image(64, 64), drag, **FAST).timings
-    assert set(t) == {"inputs", "text_encode", "image_encode", "vae_encode", "inversion", "sampling",
+    assert set(t) == {"inputs", "prepare", "text_encode", "image_encode", "vae_encode", "inversion", "sampling",
                       "region_ops", "vae_decode", "postprocess", "total"}
     assert 0 < t["region_ops"] <= t["sampling"] <= t["total"]
 

@@ -19,8 +19,14 @@ document (a JSON file rewritten after each measurement, a Markdown table and a P
   ``sampling``) as the pipeline records them. Median and p90.
   ``peak_mem_gb``: ``torch.cuda.max_memory_allocated`` over the timed runs (GiB, weights included;
   TensorRT / ONNX Runtime allocations outside torch show in ``device_mem_used_gb`` instead).
-* Achieved TFLOP/s per stage for the SD-1.5 architecture from nominal costs (``bench_workloads.NOMINAL_TFLOP``,
-  scaled by pixel count) against a matmul ceiling measured in the same run.
+* Achieved TFLOP/s per stage: the FLOPs each stage executes (``flops``, counted by one more edit under
+  :class:`regiondrag.engine.flops.StageFlops`, with the eager networks for compiled backends) over its
+  median time, and that rate as a fraction of the dense rate measured at the start of the run
+  (``hardware.matmul_ceiling``: the faster of a matmul and a 3x3 convolution, large, warm, best of
+  several, same threads). ``peak_rss_gb``: the peak
+  resident memory of the backend's process (loading and builds included).
+* Each backend runs in a fresh process (``BenchConfig.isolate``): nothing one backend loads stays for
+  the next, and a backend that crashes or is killed costs only its own rows.
 
 Weights: ``--model`` when given (``weights: "real"`` unless the model is a random one); otherwise
 ``random-sd15`` (full-size SD-1.5 architecture, random weights, the real cost) on CUDA and ``tiny``
@@ -42,19 +48,24 @@ from typing import Callable
 import numpy as np
 
 from .backends import BACKENDS as ENGINE_BACKENDS
-from .bench_workloads import Inputs, Workload, make_inputs, nominal_tflop
-from .hardware import _torch, clock, collect_versions, device_key, device_name, free, matmul_ceiling
+from .bench_workloads import Inputs, Workload, make_inputs
+from .flops import count_edit_flops
+from .hardware import (_torch, clock, collect_versions, device_key, device_name, free, matmul_ceiling, peak_rss_gb,
+                       reset_peak_rss)
 
 SCHEMA = "regiondrag-bench-pipeline/1"
 REPO = Path(__file__).resolve().parents[2]  # the repository root (regiondrag/engine/ -> ../..)
 BASELINE_FILE = REPO / "benchmarks" / "baseline.py"
 BACKENDS = ("baseline", *ENGINE_BACKENDS)
-STAGES = ("inputs", "text_encode", "image_encode", "vae_encode", "inversion", "sampling", "region_ops",
+STAGES = ("inputs", "prepare", "text_encode", "image_encode", "vae_encode", "inversion", "sampling", "region_ops",
           "vae_decode", "postprocess")
 CPU_NOTE = ("NOTE: CPU run: these are CPU timings (model {model}), not GPU figures; do not report or "
             "commit them as GPU results.")
 SMOKE_NOTE = ("SMOKE RUN: the CPU default (tiny model, small images, few edits) checks that every backend "
               "runs and shows where time goes; it is not a benchmark (--full for the whole suite)")
+CEILING_NOTE = ("TFLOP/s: the matmul, convolution and attention FLOPs a stage executes (counted, eager networks "
+                "for compiled backends) per second of its median time; % of ceiling: that rate over the fastest "
+                "dense rate measured here at the start ({tflops:.3g} TFLOP/s, {method}, {threads} threads)")
 Say = Callable[[str], None]
 
 
@@ -114,6 +125,7 @@ class BenchConfig:
     runs: int = 10
     warmup: int = 2
     smoke: bool = False  # the CPU default: small, few edits; says so in its output
+    isolate: bool = True  # each backend in a fresh process (see _bench_backend_isolated)
 
 
 def is_full_size_sd15(components) -> bool:
@@ -181,6 +193,7 @@ def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchC
     first_edit_ms = clock(dev) - t0
     first_peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     artifacts = _artifact_state(runner, report_before)
+    build_s = (sum(r["seconds"] for r in runner.report if not r["hit"]) if artifacts == "built" else None)
     for _ in range(cfg.warmup - 1):
         edit(w, inp)
     if dev.type == "cuda":
@@ -197,14 +210,16 @@ def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchC
         peak = torch.cuda.max_memory_allocated(dev) / 2**30
         free, total = torch.cuda.mem_get_info(dev)
         used = (total - free) / 2**30
+    flops = count_edit_flops(lambda: edit(w, inp), runner)
     names = [s for s in STAGES if any(s in st for st in stages)]
     stages_ms = {s: float(np.median([st.get(s, 0.0) for st in stages])) for s in names}
     row = dict(backend=backend, workload=w.name, width=w.width, height=w.height, method=w.method, steps=w.steps,
                start_t=w.start_t, e2e_ms_median=float(np.median(e2e)), e2e_ms_p90=float(np.percentile(e2e, 90)),
                e2e_ms_runs=[float(x) for x in e2e], first_call_ms=load_ms + first_edit_ms, load_ms=load_ms,
-               first_edit_ms=first_edit_ms, artifacts=artifacts, stages_ms=stages_ms,
+               first_edit_ms=first_edit_ms, artifacts=artifacts, artifact_build_s=build_s, stages_ms=stages_ms,
                stages_ms_p90={s: float(np.percentile([st.get(s, 0.0) for st in stages], 90)) for s in names},
-               peak_mem_gb=peak, first_call_peak_mem_gb=first_peak, device_mem_used_gb=used, error=None)
+               peak_mem_gb=peak, first_call_peak_mem_gb=first_peak, device_mem_used_gb=used,
+               peak_rss_gb=peak_rss_gb(), flops={k: v for k, v in flops.items() if v}, error=None)
     say(f"{backend:<11} {w.name:<15} e2e median {row['e2e_ms_median']:.1f} ms, p90 {row['e2e_ms_p90']:.1f} ms, "
         f"first call {row['first_call_ms'] / 1e3:.1f} s")
     return row, res.latent.detach().float().cpu()
@@ -221,6 +236,7 @@ def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta:
     torch = _torch()
     dev = cfg.device
     free(dev)
+    reset_peak_rss()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     say(f"{backend}: loading {cfg.model}")
@@ -253,6 +269,69 @@ def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta:
     free(dev)
 
 
+def _bench_backend_isolated(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta: dict, latents: dict,
+                            row_done: Callable[[dict], None]) -> None:
+    """:func:`_bench_backend` in a fresh process: what a backend loads and builds (models, artifacts,
+    allocator caches) goes with the process, its peak memory is its own, and a backend that crashes or
+    is killed (out of memory) costs only its own rows: they are recorded as errors and the run goes on."""
+    import multiprocessing
+    import queue
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads and a model
+    messages = ctx.Queue()
+    worker = ctx.Process(target=_backend_worker, args=(backend, cfg, inputs, messages), name=f"bench-{backend}",
+                         daemon=True)
+    worker.start()
+    pending = {w.name: w for w in cfg.workloads}
+    try:
+        while pending:
+            try:
+                kind, payload = messages.get(timeout=0.5)
+            except queue.Empty:
+                if worker.is_alive():
+                    continue
+                try:  # what it sent just before it exited
+                    kind, payload = messages.get(timeout=2.0)
+                except queue.Empty:
+                    break
+            if kind == "say":
+                say(payload)
+            elif kind == "row":
+                row, latent, worker_meta = payload
+                for k, v in worker_meta.items():
+                    meta.setdefault(k, v)
+                if latent is not None:
+                    latents[(backend, row["workload"])] = _torch().from_numpy(latent)
+                pending.pop(row["workload"], None)
+                row_done(row)
+    finally:
+        worker.join(timeout=60)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    if pending:
+        code = worker.exitcode
+        why = " (killed: out of memory?)" if code == -9 else ""
+        exc = RuntimeError(f"the {backend} benchmark process exited with code {code}{why} before it finished")
+        say(f"{backend}: {exc}")
+        for w in pending.values():
+            row_done(_error_row(backend, w, exc))
+
+
+def _backend_worker(backend: str, cfg: BenchConfig, inputs: dict, messages) -> None:
+    """The body of :func:`_bench_backend_isolated`'s process: rows, latents and messages go to ``messages``."""
+    meta: dict = {}
+    latents: dict = {}
+
+    def row_done(row: dict) -> None:
+        latent = latents.get((backend, row["workload"]))
+        messages.put(("row", (row, None if latent is None else latent.numpy(), dict(meta))))
+
+    _bench_backend(backend, cfg, inputs, lambda m: messages.put(("say", m)), meta, latents, row_done)
+    messages.close()
+    messages.join_thread()  # everything sent before the process exits
+
+
 def _finite(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -263,7 +342,7 @@ def _finite(x):
     return x
 
 
-def _add_derived(rows: list[dict], latents: dict, ceiling: float, full_size: bool) -> dict:
+def _add_derived(rows: list[dict], latents: dict, ceiling: float) -> dict:
     """Ratios to the baseline, latent differences to it and achieved TFLOP/s, in place."""
     base = {r["workload"]: r for r in rows if r["backend"] == "baseline" and r["error"] is None}
     ratios: dict = {}
@@ -277,14 +356,9 @@ def _add_derived(rows: list[dict], latents: dict, ceiling: float, full_size: boo
         mine, ref = latents.get((r["backend"], r["workload"])), latents.get(("baseline", r["workload"]))
         r["latent_max_abs_diff_vs_baseline"] = (float((mine - ref).abs().max()) if mine is not None
                                                 and ref is not None else None)
-        if full_size:
-            w = Workload(r["workload"], r["width"], r["height"], method=r["method"], steps=r["steps"],
-                         start_t=r.get("start_t", 0.5))
-            r["tflops"] = {s: f / r["stages_ms"][s] * 1e3 for s, f in nominal_tflop(w).items()
-                           if r["stages_ms"].get(s)}
-            r["tflops_fraction_of_matmul"] = {s: v / ceiling for s, v in r["tflops"].items()} if ceiling else None
-        else:
-            r["tflops"] = None
+        r["tflops"] = {st: f / r["stages_ms"][st] / 1e9 for st, f in (r.get("flops") or {}).items()
+                       if r["stages_ms"].get(st)}
+        r["tflops_fraction_of_matmul"] = {st: v / ceiling for st, v in r["tflops"].items()} if ceiling else None
     return ratios
 
 
@@ -300,7 +374,7 @@ def run_bench(cfg: BenchConfig, say: Say = lambda m: None, on_update: Callable[[
         check_edit_params(w.method, w.steps, w.start_t, w.end_t, w.noise_scale, seed=w.seed, prompt=w.prompt)
     dev = cfg.device
     started = _dt.datetime.now(_dt.timezone.utc)
-    say(f"measuring the {str(cfg.dtype).replace('torch.', '')} matmul ceiling on {device_name(dev)}")
+    say(f"measuring the {str(cfg.dtype).replace('torch.', '')} arithmetic ceiling on {device_name(dev)}")
     ceiling = matmul_ceiling(dev, cfg.dtype)
     inputs = {w.name: make_inputs(w) for w in cfg.workloads}
     meta: dict = {}
@@ -316,8 +390,9 @@ def run_bench(cfg: BenchConfig, say: Say = lambda m: None, on_update: Callable[[
         if on_update is not None:
             on_update(_document(cfg, rows, meta, latents, fixed, complete=False))
 
+    bench_backend = _bench_backend_isolated if cfg.isolate else _bench_backend
     for backend in cfg.backends:
-        _bench_backend(backend, cfg, inputs, say, meta, latents, row_done)
+        bench_backend(backend, cfg, inputs, say, meta, latents, row_done)
     return _document(cfg, rows, meta, latents, fixed, complete=True)
 
 
@@ -343,7 +418,7 @@ def _document(cfg: BenchConfig, rows: list, meta: dict, latents: dict, fixed: di
     """The result document for the rows measured so far (``fixed``: what :func:`run_bench` gathered once)."""
     ceiling, inputs = fixed["ceiling"], fixed["inputs"]
     rows = [dict(r) for r in rows]  # derived fields are added to copies: a partial write changes nothing
-    ratios = _add_derived(rows, latents, ceiling["tflops"], meta.get("full_size", False))
+    ratios = _add_derived(rows, latents, ceiling["tflops"])
     dev = cfg.device
     notes = []
     if cfg.smoke:
@@ -351,11 +426,11 @@ def _document(cfg: BenchConfig, rows: list, meta: dict, latents: dict, fixed: di
     if dev.type != "cuda":
         notes.append(CPU_NOTE.format(model=cfg.model))
     if not meta.get("full_size", False):
-        notes.append(f"model {cfg.model!r} is not the full-size SD-1.5 architecture: its costs are not SD-1.5's "
-                     "(no TFLOP/s figures)")
+        notes.append(f"model {cfg.model!r} is not the full-size SD-1.5 architecture: its costs are not SD-1.5's")
     if meta.get("random_weights"):
         notes.append("random weights: the cost of the architecture, not real edits (load_ms includes "
                      "building the weights)")
+    notes.append(CEILING_NOTE.format(**ceiling))
     if not complete:
         notes.append("INCOMPLETE: the run was still going (or was interrupted) when this was written")
     return _finite({

@@ -161,4 +161,4 @@ def run_from_args(args, say: Say = lambda m: print(m, file=sys.stderr)) -> int:
 
 def _heading(doc: dict) -> str:
     return (f"# regiondrag bench{' (smoke run)' if doc.get('smoke') else ''}: {doc['device']}, {doc['model']} "
-            f"({doc['weights']} weights), {doc['dtype']}, matmul {doc['matmul_tflops']:.1f} TFLOP/s\n\n")
+            f"({doc['weights']} weights), {doc['dtype']}, ceiling {doc['matmul_tflops']:.2f} TFLOP/s\n\n")

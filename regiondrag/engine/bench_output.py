@@ -18,7 +18,8 @@ def _fmt(x, spec=".1f", scale=1.0):
 def markdown_table(doc: dict) -> str:
     """The run as a Markdown table: one row per backend and workload."""
     head = ["workload", "backend", "e2e median ms", "p90 ms", "× baseline", "first call s", "text", "image",
-            "VAE enc", "inversion", "sampling", "region ops", "VAE dec", "peak GiB", "UNet TFLOP/s (% matmul)"]
+            "VAE enc", "inversion", "sampling", "region ops", "VAE dec", "peak GiB", "peak RSS GiB",
+            "sampling TFLOP/s (% of ceiling)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {n: i for i, n in enumerate(doc["settings"]["workloads"])}
     rank = _backend_rank(doc)
@@ -28,14 +29,14 @@ def markdown_table(doc: dict) -> str:
             continue
         st = r["stages_ms"]
         tf = (r.get("tflops") or {}).get("sampling")
-        unet = "—" if tf is None else f"{tf:.1f} ({100 * tf / doc['matmul_tflops']:.0f}%)"
+        unet = "—" if tf is None else f"{tf:.2f} ({100 * tf / doc['matmul_tflops']:.0f}%)"
         speed = r.get("speedup_vs_baseline")
         lines.append("| " + " | ".join([
             r["workload"], r["backend"], _fmt(r["e2e_ms_median"]), _fmt(r["e2e_ms_p90"]),
             "—" if speed is None else f"{speed:.2f}×", _fmt(r["first_call_ms"], ".1f", 1e-3),
             *(_fmt(st.get(s)) for s in ("text_encode", "image_encode", "vae_encode", "inversion", "sampling",
                                         "region_ops", "vae_decode")),
-            _fmt(r.get("peak_mem_gb"), ".2f"), unet]) + " |")
+            _fmt(r.get("peak_mem_gb"), ".2f"), _fmt(r.get("peak_rss_gb"), ".1f"), unet]) + " |")
     return "\n".join(lines)
 
 

@@ -9,13 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Nominal TFLOP of one call at 512x512 pixels (64x64 latent) for SD-1.5 + CLIP ViT-H/14; UNet and VAE
-# scale with the pixel count. The image encoder runs at 224x224 whatever the image (2 images x 2 x
-# 632 M parameters x 257 tokens). The same nominal cost is used for every backend (the engine's replay
-# skips the to_k/to_v projections, so its "achieved" figure is an effective rate).
-NOMINAL_TFLOP = {"unet": 0.80, "vae_encoder": 1.12, "vae_decoder": 2.52, "image_encoder": 0.65}
-
-
 @dataclass(frozen=True)
 class Workload:
     """One benchmarked edit. ``width`` x ``height`` in pixels."""
@@ -74,15 +67,3 @@ class Inputs:
 def make_inputs(w: Workload) -> Inputs:
     drag = region_pair(w.width, w.height)
     return Inputs(synthetic_image(w.width, w.height), drag, float(drag.sources[0].mean()))
-
-
-def nominal_tflop(w: Workload) -> dict[str, float]:
-    """Nominal TFLOP per stage of one edit of ``w`` on SD-1.5 (see :data:`NOMINAL_TFLOP`)."""
-    scale = w.width * w.height / 512**2
-    s = int(w.start_t * w.steps)
-    sde = w.method == "encode_then_cp"
-    return {"image_encode": NOMINAL_TFLOP["image_encoder"],
-            "vae_encode": (1 if sde else 2) * NOMINAL_TFLOP["vae_encoder"] * scale,
-            "inversion": (1 if sde else 2) * s * NOMINAL_TFLOP["unet"] * scale,
-            "sampling": s * NOMINAL_TFLOP["unet"] * scale,
-            "vae_decode": NOMINAL_TFLOP["vae_decoder"] * scale}

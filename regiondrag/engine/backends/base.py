@@ -71,7 +71,7 @@ class CompiledRunnerBase(TorchRunner):
             setattr(self, n, fn)
         specs = make_specs(self, height, width)
         self.report = []
-        loaded = {}
+        built = {}  # every artifact first, then the loads: a build's peak memory never adds to loaded packages
         for network in self.networks:
             if network not in specs:
                 continue
@@ -81,10 +81,15 @@ class CompiledRunnerBase(TorchRunner):
                 self.key(network, spec), lambda d, n=network, s=spec: self._build_logged(n, s, d),
                 meta={"network": network, "backend": self.name, "height": height, "width": width,
                       "precision": self.precision, "model": self.components.source})
-            loaded[network] = self.load(network, spec, art)
+            built[network] = art
             self.report.append({"network": network, "path": str(art), "hit": hit,
                                 "bytes": sum(f.stat().st_size for f in art.rglob("*") if f.is_file()),
                                 "seconds": time.perf_counter() - t0})
+        loaded = {}
+        for row in self.report:
+            t0 = time.perf_counter()
+            loaded[row["network"]] = self.load(row["network"], specs[row["network"]], built[row["network"]])
+            row["load_seconds"] = time.perf_counter() - t0
         for network, fn in loaded.items():
             setattr(self, network, fn)
         self.shape = (height, width)
