@@ -5,7 +5,8 @@ Reads every ``benchmarks/results/*.json`` written by ``python -m regiondrag.engi
 comparable runs -- on a CUDA GPU, full-size SD-1.5 architecture, workloads at their own sizes and steps
 (no ``--size``/``--steps`` override), complete (an interrupted run's file says ``"complete": false``) --
 takes the LATEST run per GPU (by its ``timestamp``) and writes one table between the markers in README.md.
-CPU runs are never listed: they are not GPU figures.
+CPU runs never enter that table: they are not GPU figures. The latest complete full-size run per CPU
+(any size; the reference CPU runs, random weights) gets a table of its own below it, labelled as such.
 
     python benchmarks/report.py [--results DIR] [--readme PATH] [--check]
 
@@ -48,11 +49,15 @@ def comparable(doc: dict) -> bool:
             and settings.get("size") is None and settings.get("steps") is None)
 
 
-def latest_per_gpu(runs: list[dict]) -> list[dict]:
-    """The newest comparable run of each GPU, ordered by GPU name."""
+def cpu_reference(doc: dict) -> bool:
+    return doc.get("device_type") == "cpu" and bool(doc.get("full_size")) and doc.get("complete", True)
+
+
+def latest_per_gpu(runs: list[dict], keep=comparable) -> list[dict]:
+    """The newest run of each device that ``keep`` accepts (comparable GPU runs by default), by device name."""
     best: dict[str, dict] = {}
     for doc in runs:
-        if not comparable(doc):
+        if not keep(doc):
             continue
         key = doc["device"]
         if key not in best or (doc.get("timestamp", ""), doc["_file"]) > (best[key].get("timestamp", ""),
@@ -70,36 +75,72 @@ def _order(r: dict) -> tuple:
     return (WORKLOADS.index(w) if w in WORKLOADS else 99, w, BACKENDS.index(b) if b in BACKENDS else 99, b)
 
 
-def render(runs: list[dict]) -> str:
-    """The generated section: one line per GPU run, then one comparison table."""
+def _speedup(x) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def _rate(doc: dict, r: dict, spec: str) -> str:
+    """The sampling stage's TFLOP/s and its share of the run's ceiling."""
+    tf, ceiling = (r.get("tflops") or {}).get("sampling"), doc.get("matmul_tflops")
+    return "—" if tf is None else format(tf, spec) + (f" ({100 * tf / ceiling:.0f}%)" if ceiling else "")
+
+
+def _table(runs: list[dict], head: list[str], cells) -> list[str]:
+    """Markdown table lines: device, workload, backend, then ``cells(doc, row)``; a failed row says so."""
+    out = ["", "| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    for doc in runs:
+        for r in sorted(doc["results"], key=_order):
+            rest = ["failed"] + ["—"] * (len(head) - 4) if r.get("error") else cells(doc, r)
+            out.append("| " + " | ".join([doc["device"], r["workload"], r["backend"], *rest]) + " |")
+    return out
+
+
+def render(runs: list[dict], cpu_runs: list[dict] = ()) -> str:
+    """The generated section: one line per GPU run, then one comparison table; then the CPU reference runs."""
+    cpu = render_cpu(cpu_runs) if cpu_runs else ""
     if not runs:
         return ("_No GPU results yet. On a CUDA machine: `python -m regiondrag.engine bench`, then "
-                "`python benchmarks/report.py`._")
+                "`python benchmarks/report.py`._") + cpu
     out = ["Latest run per GPU:", ""]
     for doc in runs:
         v = doc.get("versions", {})
         chart = f", [chart](results/{doc['chart']})" if doc.get("chart") else ""
         out.append(f"- **{doc['device']}** — {doc.get('timestamp', '?')[:10]}, model `{doc['model']}` ({doc['weights']} "
-                   f"weights), {doc['dtype']}, matmul ceiling {_f(doc.get('matmul_tflops'))} TFLOP/s; torch "
+                   f"weights), {doc['dtype']}, ceiling {_f(doc.get('matmul_tflops'))} TFLOP/s; torch "
                    f"{v.get('torch')}, CUDA {v.get('cuda')}, driver {v.get('driver')}, TensorRT {v.get('tensorrt')}, "
                    f"ONNX Runtime {v.get('onnxruntime')} — [results](results/{doc['_file']}){chart}")
     head = ["GPU", "workload", "backend", "e2e median ms", "p90 ms", "speed-up vs baseline", "first call s",
-            "peak GiB", "UNet TFLOP/s (% of matmul)"]
-    out += ["", "| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+            "peak GiB", "UNet TFLOP/s (% of ceiling)"]
+
+    def cells(doc: dict, r: dict) -> list[str]:
+        return [_f(r["e2e_ms_median"]), _f(r["e2e_ms_p90"]), _speedup(r.get("speedup_vs_baseline")),
+                _f(r.get("first_call_ms"), ".1f", 1e-3), _f(r.get("peak_mem_gb"), ".2f"), _rate(doc, r, ".0f")]
+
+    out += _table(runs, head, cells)
+    return "\n".join(out) + cpu
+
+
+def render_cpu(runs: list[dict]) -> str:
+    """The CPU reference runs: what this team can measure without a GPU, never GPU figures."""
+    out = ["", "", "CPU reference runs (CPU timings, not GPU figures; full-size SD-1.5 architecture):", ""]
     for doc in runs:
-        for r in sorted(doc["results"], key=_order):
-            if r.get("error"):
-                out.append(f"| {doc['device']} | {r['workload']} | {r['backend']} | failed | " + " | ".join(
-                    ["—"] * (len(head) - 4)) + " |")
-                continue
-            tf = (r.get("tflops") or {}).get("sampling")
-            ceiling = doc.get("matmul_tflops")
-            unet = "—" if tf is None else f"{tf:.0f}" + (f" ({100 * tf / ceiling:.0f}%)" if ceiling else "")
-            speed = r.get("speedup_vs_baseline")
-            out.append("| " + " | ".join([
-                doc["device"], r["workload"], r["backend"], _f(r["e2e_ms_median"]), _f(r["e2e_ms_p90"]),
-                "—" if speed is None else f"{speed:.2f}×", _f(r.get("first_call_ms"), ".1f", 1e-3),
-                _f(r.get("peak_mem_gb"), ".2f"), unet]) + " |")
+        w = next(iter(doc.get("workloads", {}).values()), {})
+        out.append(f"- **{doc['device']}** — {doc.get('timestamp', '?')[:10]}, model `{doc['model']}` ({doc['weights']} "
+                   f"weights), {doc['dtype']}, {w.get('width')}x{w.get('height')}, steps {w.get('steps')}, "
+                   f"{doc['settings'].get('runs')} timed edits after {doc['settings'].get('warmup')}; ceiling "
+                   f"{_f(doc.get('matmul_tflops'), '.3f')} TFLOP/s; torch {doc.get('versions', {}).get('torch')} "
+                   f"— [results](results/{doc['_file']})")
+    head = ["CPU", "workload", "backend", "e2e median s", "× torch", "speed-up vs baseline", "first call s",
+            "artifact build s", "peak RSS GiB", "sampling TFLOP/s (% of ceiling)"]
+
+    def cells(doc: dict, r: dict) -> list[str]:
+        torch_ms = next((t["e2e_ms_median"] for t in doc["results"] if t["backend"] == "torch"
+                         and t["workload"] == r["workload"] and not t.get("error")), None)
+        return [_f(r["e2e_ms_median"], ".1f", 1e-3), _speedup(torch_ms and torch_ms / r["e2e_ms_median"]),
+                _speedup(r.get("speedup_vs_baseline")), _f(r.get("first_call_ms"), ".0f", 1e-3),
+                _f(r.get("artifact_build_s"), ".0f"), _f(r.get("peak_rss_gb"), ".1f"), _rate(doc, r, ".3f")]
+
+    out += _table(runs, head, cells)
     return "\n".join(out)
 
 
@@ -117,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", type=Path, default=HERE / "README.md", help="README to update")
     ap.add_argument("--check", action="store_true", help="exit 1 if the README is out of date; write nothing")
     args = ap.parse_args(argv)
-    runs = latest_per_gpu(load_runs(args.results))
+    every = load_runs(args.results)
+    runs, cpu_runs = latest_per_gpu(every), latest_per_gpu(every, keep=cpu_reference)
     old = args.readme.read_text()
-    new = update_readme(old, render(runs))
+    new = update_readme(old, render(runs, cpu_runs))
     if args.check:
         if new != old:
             print(f"{args.readme} is out of date: run python benchmarks/report.py", file=sys.stderr)
@@ -127,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if new != old:
         args.readme.write_text(new)
-    print(f"{args.readme}: {len(runs)} GPU run(s)" + "".join(f"\n  {d['device']}: {d['_file']}" for d in runs))
+    print(f"{args.readme}: {len(runs)} GPU run(s), {len(cpu_runs)} CPU reference run(s)"
+          + "".join(f"\n  {d['device']}: {d['_file']}" for d in runs + cpu_runs))
     return 0
 
 

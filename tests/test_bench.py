@@ -172,8 +172,12 @@ def test_report_regenerates_the_readme_table(tmp_path):
     assert "| NVIDIA A100-SXM4-80GB | default | torch | 222.0 |" in text  # the newer A100 run wins
     assert "811.0" not in text
     assert "| NVIDIA H100 80GB HBM3 | default | torch | 133.0 |" in text  # tiny/smoke runs are not comparable
-    assert "444.0" not in text and "CPU" not in text and "555.0" not in text and "666.0" not in text
+    assert "555.0" not in text and "666.0" not in text
     assert "777.0" not in text  # an interrupted run is not listed
+    # A full-size CPU run never enters the GPU table: it has a section of its own, labelled as CPU timings.
+    gpu_part, cpu_part = text.split("CPU reference runs (CPU timings, not GPU figures")
+    assert "444" not in gpu_part and "CPU: AMD EPYC" not in gpu_part
+    assert "| CPU: AMD EPYC | default | torch | 0.4 | 1.00× | 3.38× |" in cpu_part  # 1500 / 444
     assert "6.76×" in text  # 1500 / 222
     assert report.main(["--results", str(res), "--readme", str(readme), "--check"]) == 0
 

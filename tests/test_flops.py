@@ -72,3 +72,34 @@ def test_stage_flops_count_only_inside_the_mode():
         a @ b
     a @ b
     assert dict(counter.by_stage) == {"other": 2 * 8 * 16 * 4}
+
+
+def test_compiled_runners_are_counted_with_their_eager_networks():
+    """Artifacts run outside torch's dispatcher: the count swaps in the eager networks (same variants) and
+    puts the artifacts back afterwards, without preparing anything."""
+    from regiondrag.engine.flops import eager_networks
+
+    class Runner:
+        prepared = []
+
+        def __init__(self):
+            self.eager = {"unet": lambda x: x @ x}
+            self.unet = lambda x: x  # an "artifact": no FLOPs visible to torch
+
+        def prepare(self, height, width):
+            self.prepared.append((height, width))
+
+    runner = Runner()
+    artifact = runner.unet
+    x = torch.randn(4, 4)
+
+    def edit():
+        runner.prepare(64, 64)
+        return runner.unet(x)
+
+    assert count_edit_flops(edit, runner) == {"other": 2 * 4 * 4 * 4}
+    assert runner.unet is artifact and runner.prepared == [] and "prepare" not in vars(runner)
+    with eager_networks(runner):
+        assert runner.unet is runner.eager["unet"]
+    runner.prepare(8, 8)
+    assert runner.prepared == [(8, 8)]
