@@ -94,11 +94,33 @@ class ImageEncoder(nn.Module):
     def __init__(self, image_encoder: nn.Module, projection: nn.Module):
         super().__init__()
         self.encoder, self.projection = image_encoder, projection
+        self._zero: dict = {}  # (shape, dtype, device) -> e_0: it depends on the weights only
+
+    def _hidden(self, pixels):
+        return self.encoder(pixels, output_hidden_states=True).hidden_states[-2]
+
+    def _zero_image_states(self, pixels):
+        """``e_0``, computed once per shape, dtype and device (the same values every edit; ONNX Runtime
+        folds it into a constant too). Traced afresh under export, compilation, tracing or autograd."""
+        if (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+                or torch.is_grad_enabled()):
+            return self._hidden(torch.zeros_like(pixels))
+        key = (tuple(pixels.shape), pixels.dtype, pixels.device)
+        if key not in self._zero:
+            self._zero[key] = self._hidden(torch.zeros_like(pixels))
+        return self._zero[key]
+
+    @torch.no_grad()
+    def fold_constants(self) -> None:
+        """Computes now what depends on the weights only (``e_0`` for one image at the encoder's size,
+        dtype and device), as a compiled artifact does at build, so that the next call does not."""
+        p = next(self.encoder.parameters())
+        size = self.encoder.config.image_size
+        self._zero_image_states(torch.zeros(1, 3, size, size, dtype=p.dtype, device=p.device))
 
     def forward(self, pixels):
-        e_img = self.encoder(pixels, output_hidden_states=True).hidden_states[-2]
-        e_0 = self.encoder(torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
-        return self.projection([torch.stack([e_0, e_img])])[0]
+        e_img = self._hidden(pixels)
+        return self.projection([torch.stack([self._zero_image_states(pixels), e_img])])[0]
 
 
 class VAEEncoder(nn.Module):

@@ -94,6 +94,9 @@ def _golden_edit(pipe, name):
 def test_onnxruntime_edit_matches_torch(ort_pipe, name):
     d, result = _golden_edit(ort_pipe, name)
     assert (result.latent - torch.from_numpy(d["final_latent"])).abs().max() <= EDIT_LATENT_TOL[torch.float32]
+    runner = ort_pipe.runner  # the plain UNet (cp_then_encode's preview) runs in the capture session
+    assert "unet" not in {r["network"] for r in runner.report}
+    assert runner.unet.session is runner.unet_capture.session
 
 
 @pytest.mark.slow

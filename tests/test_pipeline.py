@@ -159,3 +159,25 @@ def test_unreadable_image_file_is_a_value_error(pipe, tmp_path):
     drag = rd.RegionPairs([_rect(64, 64, 8, 8, 32, 32)], [_rect(64, 64, 30, 24, 54, 48)])
     with pytest.raises(ValueError, match="could not read image"):
         pipe.edit(str(bad), drag, **FAST)
+
+
+def test_zero_image_is_encoded_once():
+    """The IP-Adapter's zero-image states depend on the weights only: encoded at the first edit, reused
+    after, and the IP tokens are exactly those of encoding it every time."""
+    from regiondrag.networks import ImageEncoder
+    from regiondrag.runner import TorchRunner
+
+    runner = TorchRunner(reference_components())
+    enc = runner.image_encoder
+    calls = []
+    hook = enc.encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].abs().sum().item()))
+    size = enc.encoder.config.image_size
+    pixels = [torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    with torch.no_grad():
+        tokens = [enc(p) for p in pixels]
+        fresh = ImageEncoder(enc.encoder, enc.projection)
+        again = fresh(pixels[1])
+    hook.remove()
+    assert calls.count(0.0) == 2  # once for enc, once for the fresh module: never per call
+    assert len(calls) == 5
+    assert torch.equal(tokens[1], again) and not torch.equal(tokens[0], tokens[1])

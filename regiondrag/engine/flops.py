@@ -21,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
 
+from regiondrag.runner import NETWORKS
 from regiondrag.timing import current_stage
 
 CPU_FLASH_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -74,6 +75,11 @@ def eager_networks(runner):
 def count_edit_flops(edit, runner=None) -> dict[str, int]:
     """FLOPs per stage of one call of ``edit()`` (run with ``runner``'s eager networks when it has any)."""
     counter = StageFlops()
-    with torch.no_grad(), eager_networks(runner), counter:
-        edit()
+    with torch.no_grad(), eager_networks(runner):
+        for name in NETWORKS:  # constants of the weights (artifacts fold them at build) are not per-edit work
+            fold = getattr(getattr(runner, name, None), "fold_constants", None)
+            if fold is not None:
+                fold()
+        with counter:
+            edit()
     return dict(counter.by_stage)

@@ -1,6 +1,7 @@
 """What the compiled backends share: artifact keys, per-network build/load with the cache, K/V slots."""
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 from typing import Callable
@@ -100,3 +101,5 @@ class CompiledRunnerBase(TorchRunner):
             self.build(network, spec, out_dir)
         except Exception as exc:  # noqa: BLE001 - re-raised with the network named
             raise RuntimeError(f"building {network} for the {self.name} backend failed: {exc}") from exc
+        finally:
+            gc.collect()  # an exporter's or compiler's copies of the weights go before the next build

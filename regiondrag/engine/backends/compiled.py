@@ -8,7 +8,6 @@ eager. On CUDA each package call is captured once in a CUDA graph and replayed (
 """
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import torch
@@ -102,8 +101,6 @@ class CompiledRunner(CompiledRunnerBase):
         with torch.no_grad(), inductor.patch(build_options(self.device)):
             program = torch.export.export(module, spec.sample(), strict=False)
             torch._inductor.aoti_compile_and_package(program, package_path=str(out_dir / f"{network}.pt2"))
-        del program
-        gc.collect()  # the build's copies of the weights go before the next network is built
 
     def load(self, network, spec, art_dir: Path):
         return _Package(art_dir / f"{network}.pt2", spec, cuda_graph=self.device.type == "cuda", device=self.device)

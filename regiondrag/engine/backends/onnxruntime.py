@@ -7,12 +7,14 @@ slots, so a whole edit allocates nothing after its first call at a given resolut
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from regiondrag.export.onnx import export_onnx
+from regiondrag.runner import NETWORKS
 
 from .base import CompiledRunnerBase
 
@@ -58,6 +60,16 @@ class OrtNetwork:
         self._out = self._alloc()
         self.pool_slots, self._pool, self._next = pool_slots, [], 0
         self.reuse_outputs = reuse_outputs
+        self.first_only = False
+
+    def sharing_session(self) -> "OrtNetwork":
+        """Another caller of the same session (no second copy of the weights) with its own binding and
+        output buffers, reused from call to call, no K/V pool, returning the first output only."""
+        view = copy.copy(self)
+        view.binding = self.session.io_binding()
+        view._out = view._alloc()
+        view.pool_slots, view._pool, view._next, view.reuse_outputs, view.first_only = 0, [], 0, True, True
+        return view
 
     def _alloc(self) -> list[torch.Tensor]:
         return [torch.empty(shape, dtype=dt, device=self.device) for _, shape, dt in self.outputs]
@@ -87,18 +99,21 @@ class OrtNetwork:
         self.session.run_with_iobinding(b)
         if not (self.pool_slots or self.reuse_outputs):
             outs = [o.clone() for o in outs]  # the buffers are reused by the next call
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return outs[0] if len(outs) == 1 or self.first_only else tuple(outs)
 
 
 # Networks whose outputs the pipeline consumes before calling the same network again: their output
 # buffers are handed out directly and overwritten by the next call (no allocation per step).
-REUSED_OUTPUTS = ("unet", "unet_replay", "vae_encoder", "vae_decoder")
+REUSED_OUTPUTS = ("unet_replay", "vae_encoder", "vae_decoder")
 
 
 class OrtRunner(CompiledRunnerBase):
     """Every network of the edit through ONNX Runtime (see module docstring)."""
 
     name = "onnxruntime"
+    # The plain UNet runs in the capture session with its keys/values discarded: one UNet in memory
+    # and one export fewer (only cp_then_encode's preview inversion calls it).
+    networks = tuple(n for n in NETWORKS if n != "unet")
 
     def __init__(self, components, cache=None, precision=None, progress=None):
         _require_ort()
@@ -123,5 +138,8 @@ class OrtRunner(CompiledRunnerBase):
 
     def prepare(self, height: int, width: int) -> None:
         super().prepare(height, width)
-        if isinstance(self.unet_capture, OrtNetwork):
-            self.unet_capture.reset_pool()
+        capture = self.unet_capture
+        if isinstance(capture, OrtNetwork):
+            capture.reset_pool()
+            if not isinstance(self.unet, OrtNetwork):  # once per resolution
+                self.unet = capture.sharing_session()
