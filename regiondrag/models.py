@@ -57,14 +57,17 @@ class Components:
     random_weights: bool = False
     fingerprint: str = ""
     extra: dict = field(default_factory=dict)
+    # Where the networks ran, kept when a compiled runner frees the eager weights its artifacts replace
+    # (those tensors are on "meta" then; the artifacts still run here).
+    home: tuple[torch.device, torch.dtype] | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return self.home[0] if self.home else self.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return self.home[1] if self.home else self.unet.dtype
 
 
 class RunsComponents:

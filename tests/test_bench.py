@@ -266,3 +266,21 @@ def test_a_backend_killed_midway_costs_only_its_rows(tmp_path):
         ok = rows[("baseline", name)]
         assert ok["error"] is None and 0 < ok["peak_rss_gb"] < 64
     assert doc["complete"] is True
+
+
+def test_compiled_backends_count_flops_first_and_free_the_eager_weights(tmp_path, monkeypatch):
+    """At one resolution an artifact backend counts its FLOPs with the eager networks before its first
+    prepare, then frees the eager weights its artifacts replace: the counts are the eager backend's."""
+    pytest.importorskip("onnxruntime")
+    from regiondrag.engine.bench import BenchConfig, run_bench
+
+    monkeypatch.setenv("REGIONDRAG_CACHE", str(tmp_path / "cache"))
+    w = replace(bench_workloads.WORKLOADS["default"], name="tiny64", width=64, height=64, steps=4)
+    cfg = BenchConfig(model="tiny", ip_adapter=None, device=torch.device("cpu"), dtype=torch.float32,
+                      backends=["torch", "onnxruntime"], workloads=[w], runs=1, warmup=1)
+    said = []
+    rows = {r["backend"]: r for r in run_bench(cfg, said.append)["results"]}
+    assert all(r["error"] is None for r in rows.values())
+    assert rows["torch"]["eager_weights_kept"] is None and rows["onnxruntime"]["eager_weights_kept"] is False
+    assert rows["onnxruntime"]["flops"] == rows["torch"]["flops"] and rows["torch"]["flops"]["sampling"] > 0
+    assert any("freed" in m and "eager weights" in m for m in said)

@@ -1,5 +1,7 @@
 """Compiled engine on the CPU: exported networks, backends against eager PyTorch, the artifact cache."""
 import threading
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,8 +60,9 @@ def test_onnx_network_matches_pytorch(ort_pipe, network):
     for w, g in zip(want, got):
         assert w.shape == g.shape
         assert (w - g).abs().max().item() <= NETWORK_TOL[runner.dtype]
-    row = next(r for r in runner.report if r["network"] == network)
-    path = f"{row['path']}/{network}.onnx"
+    graph = "unet_capture" if network == "unet" else network  # the plain UNet runs in the capture graph
+    row = next(r for r in runner.report if r["network"] == graph)
+    path = f"{row['path']}/{graph}.onnx"
     onnx.checker.check_model(path)
     model = onnx.load(path)
     assert model.opset_import[0].version >= 17
@@ -106,6 +109,9 @@ def test_compiled_edit_matches_torch(cache, name):
     d, result = _golden_edit(pipe, name)
     assert (result.latent - torch.from_numpy(d["final_latent"])).abs().max() <= EDIT_LATENT_TOL[torch.float32]
     assert {r["network"] for r in pipe.runner.report} == {"unet_capture", "unet_replay", "vae_encoder", "vae_decoder"}
+    for row in pipe.runner.report:  # weights in a blob beside the .so (half the host memory once loaded)
+        names = zipfile.ZipFile(Path(row["path"]) / f"{row['network']}.pt2").namelist()
+        assert any(n.endswith("weights.blob") for n in names), names
 
 
 _COMPILED = {}
@@ -257,3 +263,42 @@ def test_onnxruntime_refuses_bf16_before_exporting(cache):
     comps = load_components(str(TINY_SD15), ip_adapter=None, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="float32 or float16 models, not bfloat16"):
         RegionDragPipeline(comps, backend="onnxruntime", cache_dir=cache.root)
+
+
+def test_freed_eager_weights_keep_the_edit_and_refuse_a_new_build(cache, ort_pipe):
+    """keep_eager_weights=False: the eager copies go before the ONNX sessions load, the edit is unchanged,
+    a resolution whose artifacts are not cached is refused by name (and the loaded one still works),
+    and FLOP counting with the freed eager networks is refused."""
+    from regiondrag.engine.flops import count_edit_flops
+
+    pipe = _pipe("onnxruntime", cache)
+    pipe.runner.keep_eager_weights = False
+    for name in ("cpte_twopairs_partmask", "etcp_onepair_fullmask"):
+        d, result = _golden_edit(pipe, name)
+        assert (result.latent - torch.from_numpy(d["final_latent"])).abs().max() <= EDIT_LATENT_TOL[torch.float32]
+    comps = pipe.components
+    for module in (comps.unet, comps.vae, comps.text_encoder, comps.image_encoder):  # every network is a session
+        assert all(p.is_meta for p in module.parameters())
+    with pytest.raises(RuntimeError, match="keep_eager_weights"):
+        pipe.runner.prepare(SIZE + 64, SIZE)
+    assert pipe.runner.shape == (SIZE, SIZE)  # refused before anything changed
+    d, again = _golden_edit(pipe, "etcp_onepair_fullmask")
+    assert torch.equal(again.latent, result.latent)
+    with pytest.raises(RuntimeError, match="keep_eager_weights"):
+        count_edit_flops(lambda: None, pipe.runner)
+
+
+def test_freeing_keeps_the_weights_an_eager_network_shares():
+    """compiled replaces the UNet and the VAE but not the image encoder, whose IP projection lives in the
+    UNet: those weights stay, every other UNet and VAE weight goes."""
+    from regiondrag.engine.backends.compiled import CompiledRunner
+
+    runner = CompiledRunner(load_components(str(TINY_SD15), ip_adapter=str(TINY_IP)))
+    kept = {id(p) for p in runner.image_encoder.parameters()}
+    runner._release_eager(set(runner.networks))
+    comps = runner.components
+    assert all(p.is_meta for p in comps.vae.parameters())
+    unet = list(comps.unet.parameters())
+    assert any(p.is_meta for p in unet) and all(p.is_meta == (id(p) not in kept) for p in unet)
+    assert not any(p.is_meta for p in comps.image_encoder.parameters())
+    assert not any(p.is_meta for p in comps.text_encoder.parameters())

@@ -76,10 +76,11 @@ def test_stage_flops_count_only_inside_the_mode():
 
 def test_compiled_runners_are_counted_with_their_eager_networks():
     """Artifacts run outside torch's dispatcher: the count swaps in the eager networks (same variants) and
-    puts the artifacts back afterwards, without preparing anything."""
+    puts the artifacts back afterwards, without preparing artifacts (only the eager runner's preparation)."""
     from regiondrag.engine.flops import eager_networks
 
     class Runner:
+        name, device = "fake", torch.device("cpu")
         prepared = []
 
         def __init__(self):

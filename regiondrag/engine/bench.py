@@ -24,7 +24,9 @@ document (a JSON file rewritten after each measurement, a Markdown table and a P
   median time, and that rate as a fraction of the dense rate measured at the start of the run
   (``hardware.matmul_ceiling``: the faster of a matmul and a 3x3 convolution, large, warm, best of
   several, same threads). ``peak_rss_gb``: the peak
-  resident memory of the backend's process (loading and builds included).
+  resident memory of the backend's process (loading and builds included). Compiled backends at one
+  resolution count FLOPs first and then free the eager weights their artifacts replace
+  (``eager_weights_kept``: False), as a one-resolution deployment would.
 * Each backend runs in a fresh process (``BenchConfig.isolate``): nothing one backend loads stays for
   the next, and a backend that crashes or is killed costs only its own rows.
 
@@ -182,7 +184,7 @@ def _artifact_state(runner, before) -> str | None:
 
 
 def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchConfig, load_ms: float,
-                    say: Say, first: bool) -> tuple[dict, object]:
+                    say: Say, first: bool, flops: dict | None = None) -> tuple[dict, object]:
     torch = _torch()
     dev = cfg.device
     if dev.type == "cuda" and not first:  # for the first workload the reset before loading counts
@@ -210,7 +212,8 @@ def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchC
         peak = torch.cuda.max_memory_allocated(dev) / 2**30
         free, total = torch.cuda.mem_get_info(dev)
         used = (total - free) / 2**30
-    flops = count_edit_flops(lambda: edit(w, inp), runner)
+    if flops is None:
+        flops = count_edit_flops(lambda: edit(w, inp), runner)
     names = [s for s in STAGES if any(s in st for st in stages)]
     stages_ms = {s: float(np.median([st.get(s, 0.0) for st in stages])) for s in names}
     row = dict(backend=backend, workload=w.name, width=w.width, height=w.height, method=w.method, steps=w.steps,
@@ -219,10 +222,26 @@ def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchC
                first_edit_ms=first_edit_ms, artifacts=artifacts, artifact_build_s=build_s, stages_ms=stages_ms,
                stages_ms_p90={s: float(np.percentile([st.get(s, 0.0) for st in stages], 90)) for s in names},
                peak_mem_gb=peak, first_call_peak_mem_gb=first_peak, device_mem_used_gb=used,
-               peak_rss_gb=peak_rss_gb(), flops={k: v for k, v in flops.items() if v}, error=None)
+               peak_rss_gb=peak_rss_gb(), flops={k: v for k, v in flops.items() if v},
+               eager_weights_kept=getattr(runner, "keep_eager_weights", None), error=None)
     say(f"{backend:<11} {w.name:<15} e2e median {row['e2e_ms_median']:.1f} ms, p90 {row['e2e_ms_p90']:.1f} ms, "
         f"first call {row['first_call_ms'] / 1e3:.1f} s")
     return row, res.latent.detach().float().cpu()
+
+
+def _count_first_and_free(runner, edit, cfg: BenchConfig, inputs: dict, say: Say) -> dict:
+    """A backend whose artifacts replace its eager networks, benchmarked at one resolution, runs as a
+    one-resolution deployment does: the FLOPs of each workload are counted first (with the eager
+    networks), then the eager weights the artifacts replace are freed at its first prepare
+    (``keep_eager_weights``), so its memory is that of the artifacts. Returns workload -> FLOPs."""
+    if not hasattr(runner, "keep_eager_weights") or len({(w.height, w.width) for w in cfg.workloads}) > 1:
+        return {}
+    counted = {}
+    for w in cfg.workloads:
+        say(f"{runner.name} {w.name}: counting FLOPs with the eager networks")
+        counted[w.name] = count_edit_flops(lambda w=w: edit(w, inputs[w.name]), runner)
+    runner.keep_eager_weights = False
+    return counted
 
 
 def _error_row(backend: str, w: Workload, exc: BaseException) -> dict:
@@ -251,13 +270,15 @@ def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta:
         for w in cfg.workloads:
             row_done(_error_row(backend, w, exc))
         return
+    counted = _count_first_and_free(runner, edit, cfg, inputs, say)
     meta.setdefault("random_weights", bool(comps.random_weights))
     meta.setdefault("full_size", is_full_size_sd15(comps))
     meta.setdefault("ip_adapter", comps.image_encoder is not None)
     meta.setdefault("fingerprint", comps.fingerprint)
     for i, w in enumerate(cfg.workloads):
         try:
-            row, latent = _bench_workload(backend, edit, runner, w, inputs[w.name], cfg, load_ms, say, i == 0)
+            row, latent = _bench_workload(backend, edit, runner, w, inputs[w.name], cfg, load_ms, say, i == 0,
+                                          counted.get(w.name))
             latents[(backend, w.name)] = latent
         except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
             if os.environ.get("REGIONDRAG_DEBUG"):

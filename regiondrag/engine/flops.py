@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
 
-from regiondrag.runner import NETWORKS
+from regiondrag.runner import NETWORKS, TorchRunner
 from regiondrag.timing import current_stage
 
 CPU_FLASH_ATTENTION = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -60,8 +60,12 @@ def eager_networks(runner):
     if not eager:
         yield
         return
+    if getattr(runner, "released", False):
+        raise RuntimeError(f"the {runner.name} runner freed its eager weights (keep_eager_weights=False): "
+                           "count its FLOPs before its first prepare")
     current = {n: getattr(runner, n) for n in eager}
-    runner.prepare = lambda height, width: None  # the artifacts in place now stay where they are
+    # the artifacts in place now stay where they are; the eager networks get their own preparation
+    runner.prepare = lambda height, width: TorchRunner.prepare(runner, height, width)
     for n, fn in eager.items():
         setattr(runner, n, fn)
     try:

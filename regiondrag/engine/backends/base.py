@@ -39,6 +39,11 @@ class CompiledRunnerBase(TorchRunner):
 
     name = "compiled-base"
     networks: tuple[str, ...] = NETWORKS
+    # False: at prepare, once every artifact of the shape is built or found, the eager weights the
+    # artifacts replace are freed before the artifacts load (one copy of those networks less in memory,
+    # host or device). A later prepare then loads what the cache holds and refuses to build, and the
+    # eager networks can no longer run (FLOP counting included). For one-resolution deployments.
+    keep_eager_weights: bool = True
 
     def __init__(self, components, cache: ArtifactCache | None = None, precision: str | None = None,
                  progress: Callable[[str], None] | None = None):
@@ -49,6 +54,8 @@ class CompiledRunnerBase(TorchRunner):
         self.progress = progress or (lambda msg: None)
         self.shape = None
         self.report: list[dict] = []  # one row per network of the last prepare (for `build`)
+        self.released = False  # the eager weights that artifacts replace were freed
+        self._specs: dict = {}  # (height, width) -> make_specs(...) of a prepared resolution
 
     def versions(self) -> dict:
         return {"torch": torch.__version__}
@@ -68,9 +75,14 @@ class CompiledRunnerBase(TorchRunner):
         super().prepare(height, width)
         if self.shape == (height, width):
             return
+        if self.released and (height, width) not in self._specs:  # its sample inputs need the eager networks
+            raise self._freed_error(f"prepare {width}x{height}")
+        self.shape = None  # until this shape's artifacts are in place
         for n, fn in self.eager.items():  # export from the eager modules
             setattr(self, n, fn)
-        specs = make_specs(self, height, width)
+        if (height, width) not in self._specs:
+            self._specs[(height, width)] = make_specs(self, height, width)
+        specs = self._specs[(height, width)]
         self.report = []
         built = {}  # every artifact first, then the loads: a build's peak memory never adds to loaded packages
         for network in self.networks:
@@ -86,8 +98,12 @@ class CompiledRunnerBase(TorchRunner):
             self.report.append({"network": network, "path": str(art), "hit": hit,
                                 "bytes": sum(f.stat().st_size for f in art.rglob("*") if f.is_file()),
                                 "seconds": time.perf_counter() - t0})
+        if not self.keep_eager_weights:
+            self._release_eager(set(built))
         loaded = {}
-        for row in self.report:
+        # Largest first: a load's transient (ONNX Runtime reads the weights, then lays them out again)
+        # then sits on the fewest bytes already loaded.
+        for row in sorted(self.report, key=lambda r: -r["bytes"]):
             t0 = time.perf_counter()
             loaded[row["network"]] = self.load(row["network"], specs[row["network"]], built[row["network"]])
             row["load_seconds"] = time.perf_counter() - t0
@@ -95,7 +111,41 @@ class CompiledRunnerBase(TorchRunner):
             setattr(self, network, fn)
         self.shape = (height, width)
 
+    def _release_eager(self, replaced: set[str]) -> None:
+        """Frees the weights of the eager networks in ``replaced`` (the plain UNet with the capture
+        artifact, which serves it) that no network left eager shares (the IP-Adapter projection, say)."""
+        if "unet_capture" in replaced and "unet" not in self.networks:
+            replaced = replaced | {"unet"}
+        eager = {n: net for n, net in self.eager.items() if isinstance(net, torch.nn.Module)}
+        kept = {id(t) for n, net in eager.items() if n not in replaced for t in (*net.parameters(), *net.buffers())}
+        self.components.home = (self.device, self.dtype)
+        freed, meta = 0, {}  # id(weight) -> its meta stand-in: shape and dtype kept, storage gone
+        for n in replaced & eager.keys():
+            for module in eager[n].modules():
+                for table in (module._parameters, module._buffers):
+                    for k, t in table.items():
+                        if t is None or t.is_meta or id(t) in kept:
+                            continue
+                        if id(t) not in meta:
+                            freed += t.numel() * t.element_size()
+                            stand_in = t.to("meta")
+                            if isinstance(t, torch.nn.Parameter):
+                                stand_in = torch.nn.Parameter(stand_in, requires_grad=t.requires_grad)
+                            meta[id(t)] = stand_in
+                        table[k] = meta[id(t)]
+        self.released = True
+        gc.collect()
+        if freed:
+            self.progress(f"freed {freed / 2**30:.2f} GiB of eager weights the {self.name} artifacts replace")
+
+    def _freed_error(self, what: str) -> RuntimeError:
+        return RuntimeError(f"cannot {what} for the {self.name} backend: the eager weights were freed after an "
+                            "earlier resolution (keep_eager_weights=False); build every resolution first "
+                            "(python -m regiondrag.engine build) or keep them")
+
     def _build_logged(self, network: str, spec, out_dir: Path) -> None:
+        if self.released:
+            raise self._freed_error(f"build {network}")
         self.progress(f"building {network} ({self.name}, {self.precision}) ...")
         try:
             self.build(network, spec, out_dir)
