@@ -1,6 +1,8 @@
 """What the compiled backends share: artifact keys, per-network build/load with the cache, K/V slots."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import time
 from pathlib import Path
@@ -27,6 +29,13 @@ def device_tag(device: torch.device) -> dict:
 def precision_of(dtype: torch.dtype) -> str:
     """The precision name of a model dtype (in artifact keys and build settings)."""
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+
+
+def _return_free_heap() -> None:
+    """Hands the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere): weights
+    freed from the heap would otherwise still count as resident while the artifacts load beside them."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class CompiledRunnerBase(TorchRunner):
@@ -135,6 +144,7 @@ class CompiledRunnerBase(TorchRunner):
                         table[k] = meta[id(t)]
         self.released = True
         gc.collect()
+        _return_free_heap()
         if freed:
             self.progress(f"freed {freed / 2**30:.2f} GiB of eager weights the {self.name} artifacts replace")
 
