@@ -263,14 +263,14 @@ def _bench_backend(backend: str, cfg: BenchConfig, inputs: dict, say: Say, meta:
         t0 = clock(dev)
         edit, comps, runner = _edit_fn(backend, cfg, say)
         load_ms = clock(dev) - t0
+        counted = _count_first_and_free(runner, edit, cfg, inputs, say)
     except Exception as exc:  # noqa: BLE001 - recorded in the results, the other backends still run
         if os.environ.get("REGIONDRAG_DEBUG"):
             raise
-        say(f"{backend}: failed to load: {exc}")
+        say(f"{backend}: failed before its first edit (loading, or counting FLOPs): {exc}")
         for w in cfg.workloads:
             row_done(_error_row(backend, w, exc))
         return
-    counted = _count_first_and_free(runner, edit, cfg, inputs, say)
     meta.setdefault("random_weights", bool(comps.random_weights))
     meta.setdefault("full_size", is_full_size_sd15(comps))
     meta.setdefault("ip_adapter", comps.image_encoder is not None)
