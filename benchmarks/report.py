@@ -131,14 +131,15 @@ def render_cpu(runs: list[dict]) -> str:
                    f"{_f(doc.get('matmul_tflops'), '.3f')} TFLOP/s; torch {doc.get('versions', {}).get('torch')} "
                    f"— [results](results/{doc['_file']})")
     head = ["CPU", "workload", "backend", "e2e median s", "× torch", "speed-up vs baseline", "first call s",
-            "artifact build s", "peak RSS GiB", "sampling TFLOP/s (% of ceiling)"]
+            "artifact build s", "peak RSS GiB", "peak anon GiB", "sampling TFLOP/s (% of ceiling)"]
 
     def cells(doc: dict, r: dict) -> list[str]:
         torch_ms = next((t["e2e_ms_median"] for t in doc["results"] if t["backend"] == "torch"
                          and t["workload"] == r["workload"] and not t.get("error")), None)
         return [_f(r["e2e_ms_median"], ".1f", 1e-3), _speedup(torch_ms and torch_ms / r["e2e_ms_median"]),
                 _speedup(r.get("speedup_vs_baseline")), _f(r.get("first_call_ms"), ".0f", 1e-3),
-                _f(r.get("artifact_build_s"), ".0f"), _f(r.get("peak_rss_gb"), ".1f"), _rate(doc, r, ".3f")]
+                _f(r.get("artifact_build_s"), ".0f"), _f(r.get("peak_rss_gb"), ".1f"),
+                _f(r.get("peak_anon_gb"), ".1f"), _rate(doc, r, ".3f")]
 
     out += _table(runs, head, cells)
     return "\n".join(out)

@@ -264,7 +264,7 @@ def test_a_backend_killed_midway_costs_only_its_rows(tmp_path):
     for name in ("tiny64", "tiny64b"):
         assert "exited with code -9" in rows[("torch", name)]["error"]
         ok = rows[("baseline", name)]
-        assert ok["error"] is None and 0 < ok["peak_rss_gb"] < 64
+        assert ok["error"] is None and 0 < ok["peak_rss_gb"] < 64 and 0 < ok["peak_anon_gb"] < 64
     assert doc["complete"] is True
 
 
@@ -284,3 +284,24 @@ def test_compiled_backends_count_flops_first_and_free_the_eager_weights(tmp_path
     assert rows["torch"]["eager_weights_kept"] is None and rows["onnxruntime"]["eager_weights_kept"] is False
     assert rows["onnxruntime"]["flops"] == rows["torch"]["flops"] and rows["torch"]["flops"]["sampling"] > 0
     assert any("freed" in m and "eager weights" in m for m in said)
+
+
+def test_process_tree_memory_counts_anonymous_memory_of_children():
+    """The parent's sampler sees what a backend's children (a build's compiler) hold."""
+    from regiondrag.engine.hardware import TreeMemorySampler, process_tree_memory_gb
+
+    if process_tree_memory_gb(os.getpid()) is None:
+        pytest.skip("no /proc here")
+    code = "import time; x = b'x' * (300 * 2**20); print('ready', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        own_rss, own_anon = process_tree_memory_gb(child.pid)
+        sampler = TreeMemorySampler(os.getpid(), interval=0.05)
+        sampler.stop()
+        assert 300 / 1024 <= own_anon <= own_rss
+        assert sampler.peak_anon_gb > own_anon and sampler.peak_rss_gb >= sampler.peak_anon_gb
+    finally:
+        child.kill()
+        child.wait()
+    assert process_tree_memory_gb(child.pid) is None  # gone

@@ -24,7 +24,11 @@ document (a JSON file rewritten after each measurement, a Markdown table and a P
   median time, and that rate as a fraction of the dense rate measured at the start of the run
   (``hardware.matmul_ceiling``: the faster of a matmul and a 3x3 convolution, large, warm, best of
   several, same threads). ``peak_rss_gb``: the peak
-  resident memory of the backend's process (loading and builds included). Compiled backends at one
+  resident memory of the backend's process (loading and builds included, ``VmHWM``): it also counts
+  clean pages of weight files mapped while they are read, which the kernel drops under pressure.
+  ``peak_anon_gb``: the peak anonymous memory of the backend's process and its children (a build's
+  compiler included), sampled every 0.1 s from the parent; what decides whether a run fits the
+  machine (only swap or the OOM killer take it back). Isolated runs only. Compiled backends at one
   resolution count FLOPs first and then free the eager weights their artifacts replace
   (``eager_weights_kept``: False), as a one-resolution deployment would.
 * Each backend runs in a fresh process (``BenchConfig.isolate``): nothing one backend loads stays for
@@ -52,8 +56,8 @@ import numpy as np
 from .backends import BACKENDS as ENGINE_BACKENDS
 from .bench_workloads import Inputs, Workload, make_inputs
 from .flops import count_edit_flops
-from .hardware import (_torch, clock, collect_versions, device_key, device_name, free, matmul_ceiling, peak_rss_gb,
-                       reset_peak_rss)
+from .hardware import (TreeMemorySampler, _torch, clock, collect_versions, device_key, device_name, free,
+                       matmul_ceiling, peak_rss_gb, reset_peak_rss)
 
 SCHEMA = "regiondrag-bench-pipeline/1"
 REPO = Path(__file__).resolve().parents[2]  # the repository root (regiondrag/engine/ -> ../..)
@@ -222,7 +226,7 @@ def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchC
                first_edit_ms=first_edit_ms, artifacts=artifacts, artifact_build_s=build_s, stages_ms=stages_ms,
                stages_ms_p90={s: float(np.percentile([st.get(s, 0.0) for st in stages], 90)) for s in names},
                peak_mem_gb=peak, first_call_peak_mem_gb=first_peak, device_mem_used_gb=used,
-               peak_rss_gb=peak_rss_gb(), flops={k: v for k, v in flops.items() if v},
+               peak_rss_gb=peak_rss_gb(), peak_anon_gb=None, flops={k: v for k, v in flops.items() if v},
                eager_weights_kept=getattr(runner, "keep_eager_weights", None), error=None)
     say(f"{backend:<11} {w.name:<15} e2e median {row['e2e_ms_median']:.1f} ms, p90 {row['e2e_ms_p90']:.1f} ms, "
         f"first call {row['first_call_ms'] / 1e3:.1f} s")
@@ -303,6 +307,12 @@ def _bench_backend_isolated(backend: str, cfg: BenchConfig, inputs: dict, say: S
     worker = ctx.Process(target=_backend_worker, args=(backend, cfg, inputs, messages), name=f"bench-{backend}",
                          daemon=True)
     worker.start()
+    memory = TreeMemorySampler(worker.pid)
+
+    def row_with_memory(row: dict) -> None:
+        memory.sample()
+        row_done({**row, "peak_anon_gb": memory.peak_anon_gb})
+
     pending = {w.name: w for w in cfg.workloads}
     try:
         while pending:
@@ -324,19 +334,20 @@ def _bench_backend_isolated(backend: str, cfg: BenchConfig, inputs: dict, say: S
                 if latent is not None:
                     latents[(backend, row["workload"])] = _torch().from_numpy(latent)
                 pending.pop(row["workload"], None)
-                row_done(row)
+                row_with_memory(row)
     finally:
         worker.join(timeout=60)
         if worker.is_alive():
             worker.kill()
             worker.join()
+        memory.stop()
     if pending:
         code = worker.exitcode
         why = " (killed: out of memory?)" if code == -9 else ""
         exc = RuntimeError(f"the {backend} benchmark process exited with code {code}{why} before it finished")
         say(f"{backend}: {exc}")
         for w in pending.values():
-            row_done(_error_row(backend, w, exc))
+            row_with_memory(_error_row(backend, w, exc))
 
 
 def _backend_worker(backend: str, cfg: BenchConfig, inputs: dict, messages) -> None:

@@ -18,7 +18,7 @@ def _fmt(x, spec=".1f", scale=1.0):
 def markdown_table(doc: dict) -> str:
     """The run as a Markdown table: one row per backend and workload."""
     head = ["workload", "backend", "e2e median ms", "p90 ms", "× baseline", "first call s", "text", "image",
-            "VAE enc", "inversion", "sampling", "region ops", "VAE dec", "peak GiB", "peak RSS GiB",
+            "VAE enc", "inversion", "sampling", "region ops", "VAE dec", "peak GiB", "peak RSS GiB", "peak anon GiB",
             "sampling TFLOP/s (% of ceiling)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {n: i for i, n in enumerate(doc["settings"]["workloads"])}
@@ -36,7 +36,7 @@ def markdown_table(doc: dict) -> str:
             "—" if speed is None else f"{speed:.2f}×", _fmt(r["first_call_ms"], ".1f", 1e-3),
             *(_fmt(st.get(s)) for s in ("text_encode", "image_encode", "vae_encode", "inversion", "sampling",
                                         "region_ops", "vae_decode")),
-            _fmt(r.get("peak_mem_gb"), ".2f"), _fmt(r.get("peak_rss_gb"), ".1f"), unet]) + " |")
+            _fmt(r.get("peak_mem_gb"), ".2f"), _fmt(r.get("peak_rss_gb"), ".1f"), _fmt(r.get("peak_anon_gb"), ".1f"), unet]) + " |")
     return "\n".join(lines)
 
 

@@ -58,6 +58,67 @@ def peak_rss_gb() -> float | None:
         return None
 
 
+def process_tree_memory_gb(pid: int) -> tuple[float, float] | None:
+    """``(resident, anonymous)`` memory (GiB) of process ``pid`` and all its descendants (Linux).
+
+    Anonymous memory is what only swap or the OOM killer can take back; resident memory also counts
+    clean pages mapped from files (a weight file being read), which the kernel drops under pressure.
+    None where ``/proc`` cannot tell (another OS, the process gone).
+    """
+    rss = anon = 0
+    todo, seen = [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines()
+                          if line.startswith(("VmRSS:", "RssAnon:")))
+            rss += int(fields["VmRSS"].split()[0])
+            anon += int(fields["RssAnon"].split()[0])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, KeyError, ValueError):
+            if p == pid:
+                return None  # a descendant that exited meanwhile is simply not counted
+    return rss / 2**20, anon / 2**20  # kB
+
+
+class TreeMemorySampler:
+    """Peak resident and anonymous memory of a process tree, sampled from outside it.
+
+    ``/proc`` keeps a resident high-water mark (``VmHWM``) per process, but none for anonymous memory
+    nor for a process's children (the compiler a build spawns); a sample every ``interval`` seconds
+    gives both. Sampling from another process also sees what a call that holds the GIL allocates.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        import threading
+
+        self.pid, self.interval = pid, interval
+        self.peak_rss_gb = self.peak_anon_gb = None
+        self._stop = threading.Event()
+        self.sample()  # at least one sample, however soon it stops
+        self._thread = threading.Thread(target=self._run, name=f"memory-of-{pid}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def sample(self) -> None:
+        now = process_tree_memory_gb(self.pid)
+        if now is not None:
+            self.peak_rss_gb = max(now[0], self.peak_rss_gb or 0.0)
+            self.peak_anon_gb = max(now[1], self.peak_anon_gb or 0.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def reset_peak_rss() -> None:
     """Start :func:`peak_rss_gb` afresh from the current resident memory (Linux; elsewhere a no-op)."""
     with contextlib.suppress(OSError):
