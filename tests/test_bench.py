@@ -305,3 +305,49 @@ def test_process_tree_memory_counts_anonymous_memory_of_children():
         child.kill()
         child.wait()
     assert process_tree_memory_gb(child.pid) is None  # gone
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_bench_takes_its_backend_process_with_it():
+    """SIGKILL on the bench (no clean-up of its own runs) ends the backend process it started, which would
+    otherwise hold the CPU and the model's memory for minutes."""
+    import signal
+    import time
+
+    if not Path("/proc/self/task").exists():
+        pytest.skip("no /proc here")
+    code = ("import torch, sys\n"
+            "from dataclasses import replace\n"
+            "from regiondrag.engine import bench_workloads\n"
+            "from regiondrag.engine.bench import BenchConfig, run_bench\n"
+            "w = replace(bench_workloads.WORKLOADS['default'], name='t', width=64, height=64, steps=4)\n"
+            "cfg = BenchConfig(model='tiny', ip_adapter=None, device=torch.device('cpu'), dtype=torch.float32,\n"
+            "                  backends=['torch'], workloads=[w], runs=1000, warmup=1)\n"
+            "run_bench(cfg, lambda m: print(m, flush=True))\n")
+    bench = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in bench.stdout:
+            if line.startswith("torch: loading"):
+                break
+        workers = [p for p in _children(bench.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert workers, "no backend process found"
+    finally:
+        bench.send_signal(signal.SIGKILL)
+        bench.wait()
+    deadline = time.monotonic() + 30
+    while any(_running(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [p for p in workers if _running(p)]
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert not alive, "the backend process outlived the bench"

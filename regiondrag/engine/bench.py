@@ -304,7 +304,7 @@ def _bench_backend_isolated(backend: str, cfg: BenchConfig, inputs: dict, say: S
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads and a model
     messages = ctx.Queue()
-    worker = ctx.Process(target=_backend_worker, args=(backend, cfg, inputs, messages), name=f"bench-{backend}",
+    worker = ctx.Process(target=_backend_worker, args=(backend, cfg, inputs, messages, os.getpid()), name=f"bench-{backend}",
                          daemon=True)
     worker.start()
     memory = TreeMemorySampler(worker.pid)
@@ -350,8 +350,9 @@ def _bench_backend_isolated(backend: str, cfg: BenchConfig, inputs: dict, say: S
             row_with_memory(_error_row(backend, w, exc))
 
 
-def _backend_worker(backend: str, cfg: BenchConfig, inputs: dict, messages) -> None:
+def _backend_worker(backend: str, cfg: BenchConfig, inputs: dict, messages, parent: int) -> None:
     """The body of :func:`_bench_backend_isolated`'s process: rows, latents and messages go to ``messages``."""
+    _exit_with_parent(parent)
     meta: dict = {}
     latents: dict = {}
 
@@ -362,6 +363,20 @@ def _backend_worker(backend: str, cfg: BenchConfig, inputs: dict, messages) -> N
     _bench_backend(backend, cfg, inputs, lambda m: messages.put(("say", m)), meta, latents, row_done)
     messages.close()
     messages.join_thread()  # everything sent before the process exits
+
+
+def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
+    """Ends this worker once the bench process that started it is gone (killed, say): no one would read
+    what it measures, and it would hold the CPU and memory for minutes. A daemon process is ended only
+    when its parent exits normally."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _finite(x):
