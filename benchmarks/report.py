@@ -6,7 +6,8 @@ comparable runs -- on a CUDA GPU, full-size SD-1.5 architecture, workloads at th
 (no ``--size``/``--steps`` override), complete (an interrupted run's file says ``"complete": false``) --
 takes the LATEST run per GPU (by its ``timestamp``) and writes one table between the markers in README.md.
 CPU runs never enter that table: they are not GPU figures. The latest complete full-size run per CPU
-(any size; the reference CPU runs, random weights) gets a table of its own below it, labelled as such.
+(any size; the reference CPU runs, random weights) gets a table of its own below it, labelled as such:
+one that built its artifacts (cold cache) and one that found them cached, when there are both.
 
     python benchmarks/report.py [--results DIR] [--readme PATH] [--check]
 
@@ -53,13 +54,19 @@ def cpu_reference(doc: dict) -> bool:
     return doc.get("device_type") == "cpu" and bool(doc.get("full_size")) and doc.get("complete", True)
 
 
-def latest_per_gpu(runs: list[dict], keep=comparable) -> list[dict]:
-    """The newest run of each device that ``keep`` accepts (comparable GPU runs by default), by device name."""
-    best: dict[str, dict] = {}
+def built_in_run(doc: dict) -> bool:
+    """Whether the run built artifacts (a cold cache: its memory peaks include the builds)."""
+    return any(r.get("artifact_build_s") is not None for r in doc.get("results", []))
+
+
+def latest_per_gpu(runs: list[dict], keep=comparable, by=lambda doc: doc["device"]) -> list[dict]:
+    """The newest run of each device that ``keep`` accepts (comparable GPU runs by default), by device name
+    (or by ``by(doc)``)."""
+    best: dict = {}
     for doc in runs:
         if not keep(doc):
             continue
-        key = doc["device"]
+        key = by(doc)
         if key not in best or (doc.get("timestamp", ""), doc["_file"]) > (best[key].get("timestamp", ""),
                                                                        best[key]["_file"]):
             best[key] = doc
@@ -123,11 +130,13 @@ def render(runs: list[dict], cpu_runs: list[dict] = ()) -> str:
 def render_cpu(runs: list[dict]) -> str:
     """The CPU reference runs: what this team can measure without a GPU, never GPU figures."""
     out = ["", "", "CPU reference runs (CPU timings, not GPU figures; full-size SD-1.5 architecture):", ""]
+    runs = [{**doc, "device": f"{doc['device']}, {'cold cache' if built_in_run(doc) else 'cached'}"} for doc in runs]
     for doc in runs:
         w = next(iter(doc.get("workloads", {}).values()), {})
         out.append(f"- **{doc['device']}** — {doc.get('timestamp', '?')[:10]}, model `{doc['model']}` ({doc['weights']} "
                    f"weights), {doc['dtype']}, {w.get('width')}x{w.get('height')}, steps {w.get('steps')}, "
-                   f"{doc['settings'].get('runs')} timed edits after {doc['settings'].get('warmup')}; ceiling "
+                   f"{doc['settings'].get('runs')} timed edits after {doc['settings'].get('warmup')}; "
+                   f"{'artifacts built in the run' if built_in_run(doc) else 'artifacts from the cache'}; ceiling "
                    f"{_f(doc.get('matmul_tflops'), '.3f')} TFLOP/s; torch {doc.get('versions', {}).get('torch')} "
                    f"— [results](results/{doc['_file']})")
     head = ["CPU", "workload", "backend", "e2e median s", "× torch", "speed-up vs baseline", "first call s",
@@ -160,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if the README is out of date; write nothing")
     args = ap.parse_args(argv)
     every = load_runs(args.results)
-    runs, cpu_runs = latest_per_gpu(every), latest_per_gpu(every, keep=cpu_reference)
+    runs = latest_per_gpu(every)
+    cpu_runs = latest_per_gpu(every, keep=cpu_reference, by=lambda doc: (doc["device"], not built_in_run(doc)))
     old = args.readme.read_text()
     new = update_readme(old, render(runs, cpu_runs))
     if args.check:
