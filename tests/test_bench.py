@@ -157,6 +157,9 @@ def test_report_regenerates_the_readme_table(tmp_path):
                                         settings={"size": "128x128"}),
             "partial-gpu.json": {**_fake_run("NVIDIA H100 80GB HBM3", "2025-07-01T10:00:00+00:00", 777.0),
                                  "complete": False}}
+    cold = _fake_run("CPU: AMD EPYC", "2025-03-15T10:00:00+00:00", 750.0, device_type="cpu")
+    cold["results"][1]["artifact_build_s"] = 50.0  # it built artifacts: listed beside the newer cached run
+    runs["cpu-cold.json"] = cold
     for name, doc in runs.items():
         (res / name).write_text(json.dumps(doc))
     (res / "kernels-NVIDIA_H100.json").write_text(json.dumps({"device": "NVIDIA H100", "region_ops": []}))
@@ -177,7 +180,9 @@ def test_report_regenerates_the_readme_table(tmp_path):
     # A full-size CPU run never enters the GPU table: it has a section of its own, labelled as CPU timings.
     gpu_part, cpu_part = text.split("CPU reference runs (CPU timings, not GPU figures")
     assert "444" not in gpu_part and "CPU: AMD EPYC" not in gpu_part
-    assert "| CPU: AMD EPYC | default | torch | 0.4 | 1.00× | 3.38× |" in cpu_part  # 1500 / 444
+    assert "| CPU: AMD EPYC, cached | default | torch | 0.4 | 1.00× | 3.38× |" in cpu_part  # 1500 / 444
+    assert "| CPU: AMD EPYC, cold cache | default | torch | 0.8 | 1.00× | 2.00× | 9 | 50 |" in cpu_part
+    assert cpu_part.index("cold cache |") < cpu_part.index("cached |")
     assert "6.76×" in text  # 1500 / 222
     assert report.main(["--results", str(res), "--readme", str(readme), "--check"]) == 0
 
