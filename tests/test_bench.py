@@ -274,8 +274,10 @@ def test_a_backend_killed_midway_costs_only_its_rows(tmp_path):
 
 
 def test_compiled_backends_count_flops_first_and_free_the_eager_weights(tmp_path, monkeypatch):
-    """At one resolution an artifact backend counts its FLOPs with the eager networks before its first
-    prepare, then frees the eager weights its artifacts replace: the counts are the eager backend's."""
+    """At one resolution an artifact backend has its artifacts built first, each network by a process of
+    its own whose peak memory counts in the backend's; its benchmark process then counts its FLOPs with
+    the eager networks, frees the eager weights its artifacts replace and loads them from the cache:
+    the counts are the eager backend's."""
     pytest.importorskip("onnxruntime")
     from regiondrag.engine.bench import BenchConfig, run_bench
 
@@ -289,6 +291,11 @@ def test_compiled_backends_count_flops_first_and_free_the_eager_weights(tmp_path
     assert rows["torch"]["eager_weights_kept"] is None and rows["onnxruntime"]["eager_weights_kept"] is False
     assert rows["onnxruntime"]["flops"] == rows["torch"]["flops"] and rows["torch"]["flops"]["sampling"] > 0
     assert any("freed" in m and "eager weights" in m for m in said)
+    ort = rows["onnxruntime"]
+    assert ort["artifacts_built_apart"] and ort["artifacts"] == "built" and ort["artifact_build_s"] > 0
+    assert 0 < ort["build_peak_anon_gb"] <= ort["peak_anon_gb"] < 64
+    assert ort["first_call_ms"] > ort["load_ms"] + ort["first_edit_ms"]  # the build processes' time
+    assert not any(m.startswith("building") for m in said[said.index("onnxruntime: loading tiny"):])
 
 
 def test_process_tree_memory_counts_anonymous_memory_of_children():

@@ -147,9 +147,13 @@ def test_build_then_edit_with_onnxruntime(env, tmp_path):
     src[16:48, 16:48] = 1
     drag_json = save_drag(RegionPairs([src], [np.roll(src, 40, axis=1)]), tmp_path / "drag.json")
     cache = ["--cache-dir", str(tmp_path / "cache")]
-    r = run(env, "build", "--model", "tiny", "--backend", "onnxruntime", "--height", "128", "--width", "128", *cache)
+    # Each network in a build process of its own; the in-process build then finds every one: same keys.
+    r = run(env, "build", "--model", "tiny", "--backend", "onnxruntime", "--height", "128", "--width", "128",
+            "--isolate", *cache)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("built") == 6 and "unet_replay" in r.stdout  # the plain UNet runs in unet_capture
+    peaks = [float(line.split()[4]) for line in r.stdout.splitlines()[1:] if " built " in line]
+    assert len(peaks) == 6 and all(p > 0 for p in peaks)  # each process's own peak memory
     r = run(env, "build", "--model", "tiny", "--backend", "onnxruntime", "--height", "128", "--width", "128", *cache)
     assert r.returncode == 0 and r.stdout.count("cached") == 6
     out = tmp_path / "o.png"

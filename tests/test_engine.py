@@ -288,6 +288,40 @@ def test_freed_eager_weights_keep_the_edit_and_refuse_a_new_build(cache, ort_pip
         count_edit_flops(lambda: None, pipe.runner)
 
 
+def test_freed_eager_weights_leave_memory_after_an_export(tmp_path):
+    """An onnxruntime prepare that exports (empty cache) and frees the eager weights leaves none of the
+    UNet's weight tensors alive: the exporter's rewrite rules kept the last exported graph, and with it
+    every weight, until regiondrag.export.onnx cleared them (so freeing freed nothing)."""
+    import gc
+    import weakref
+
+    comps = load_components(str(TINY_SD15), ip_adapter=str(TINY_IP))
+    weights = [weakref.ref(p) for p in comps.unet.parameters()]
+    pipe = RegionDragPipeline(comps, backend="onnxruntime", cache_dir=tmp_path)
+    pipe.runner.keep_eager_weights = False
+    pipe.runner.prepare(SIZE, SIZE)
+    assert not all(row["hit"] for row in pipe.runner.report)  # it did export
+    gc.collect()
+    assert sum(w() is not None for w in weights) == 0
+
+
+def test_build_network_frees_what_its_build_does_not_need(tmp_path):
+    """build_network (what a build process of its own runs) builds one artifact, under the key prepare
+    uses, after freeing every weight its build does not need: for the UNet the text encoder's, the
+    VAE's and the image encoder's own (its IP projection lives in the UNet and stays)."""
+    comps = load_components(str(TINY_SD15), ip_adapter=str(TINY_IP))
+    runner = RegionDragPipeline(comps, backend="onnxruntime", cache_dir=tmp_path).runner
+    row = runner.build_network(SIZE, SIZE, "unet_capture")
+    assert row["network"] == "unet_capture" and not row["hit"] and Path(row["path"], "unet_capture.onnx").is_file()
+    for module in (comps.text_encoder, comps.vae, comps.image_encoder):
+        assert all(p.is_meta for p in module.parameters())
+    assert not any(p.is_meta for p in comps.unet.parameters())
+    assert runner.build_network(SIZE, SIZE, "unet") is None  # onnxruntime serves it from unet_capture's session
+    fresh = RegionDragPipeline(load_components(str(TINY_SD15), ip_adapter=str(TINY_IP)), backend="onnxruntime",
+                               cache_dir=tmp_path).runner
+    assert fresh.key("unet_capture", make_specs(fresh, SIZE, SIZE)["unet_capture"]) == Path(row["path"]).name
+
+
 def test_freeing_keeps_the_weights_an_eager_network_shares():
     """compiled replaces the UNet and the VAE but not the image encoder, whose IP projection lives in the
     UNet: those weights stay, every other UNet and VAE weight goes."""

@@ -29,8 +29,12 @@ document (a JSON file rewritten after each measurement, a Markdown table and a P
   ``peak_anon_gb``: the peak anonymous memory of the backend's process and its children (a build's
   compiler included), sampled every 0.1 s from the parent; what decides whether a run fits the
   machine (only swap or the OOM killer take it back). Isolated runs only. Compiled backends at one
-  resolution count FLOPs first and then free the eager weights their artifacts replace
-  (``eager_weights_kept``: False), as a one-resolution deployment would.
+  resolution run as a one-resolution deployment would: their artifacts are built (or found) first,
+  each network in a build process of its own (``build --isolate``; ``build_peak_anon_gb``: the largest
+  of those processes' peaks, which ``peak_anon_gb`` includes; the first workload's ``first_call_ms``
+  includes their time and ``artifact_build_s`` their builds), then the benchmark process counts FLOPs
+  with the eager networks and frees the eager weights the artifacts replace (``eager_weights_kept``:
+  False) before it loads them.
 * Each backend runs in a fresh process (``BenchConfig.isolate``): nothing one backend loads stays for
   the next, and a backend that crashes or is killed costs only its own rows.
 
@@ -56,8 +60,9 @@ import numpy as np
 from .backends import BACKENDS as ENGINE_BACKENDS
 from .bench_workloads import Inputs, Workload, make_inputs
 from .flops import count_edit_flops
-from .hardware import (TreeMemorySampler, _torch, clock, collect_versions, device_key, device_name, free,
+from .hardware import (_torch, clock, collect_versions, device_key, device_name, free,
                        matmul_ceiling, peak_rss_gb, reset_peak_rss)
+from .processes import run_in_own_process
 
 SCHEMA = "regiondrag-bench-pipeline/1"
 REPO = Path(__file__).resolve().parents[2]  # the repository root (regiondrag/engine/ -> ../..)
@@ -299,84 +304,81 @@ def _bench_backend_isolated(backend: str, cfg: BenchConfig, inputs: dict, say: S
     """:func:`_bench_backend` in a fresh process: what a backend loads and builds (models, artifacts,
     allocator caches) goes with the process, its peak memory is its own, and a backend that crashes or
     is killed (out of memory) costs only its own rows: they are recorded as errors and the run goes on."""
-    import multiprocessing
-    import queue
-
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads and a model
-    messages = ctx.Queue()
-    worker = ctx.Process(target=_backend_worker, args=(backend, cfg, inputs, messages, os.getpid()), name=f"bench-{backend}",
-                         daemon=True)
-    worker.start()
-    memory = TreeMemorySampler(worker.pid)
-
-    def row_with_memory(row: dict) -> None:
-        memory.sample()
-        row_done({**row, "peak_anon_gb": memory.peak_anon_gb})
-
     pending = {w.name: w for w in cfg.workloads}
     try:
-        while pending:
-            try:
-                kind, payload = messages.get(timeout=0.5)
-            except queue.Empty:
-                if worker.is_alive():
-                    continue
-                try:  # what it sent just before it exited
-                    kind, payload = messages.get(timeout=2.0)
-                except queue.Empty:
-                    break
-            if kind == "say":
-                say(payload)
-            elif kind == "row":
-                row, latent, worker_meta = payload
-                for k, v in worker_meta.items():
-                    meta.setdefault(k, v)
-                if latent is not None:
-                    latents[(backend, row["workload"])] = _torch().from_numpy(latent)
-                pending.pop(row["workload"], None)
-                row_with_memory(row)
-    finally:
-        worker.join(timeout=60)
-        if worker.is_alive():
-            worker.kill()
-            worker.join()
-        memory.stop()
+        built = _build_apart(backend, cfg, say)
+    except Exception as exc:  # noqa: BLE001 - recorded in the results, the other backends still run
+        say(f"{backend}: building its artifacts failed: {exc}")
+        for w in cfg.workloads:
+            row_done(_error_row(backend, w, exc))
+        return
+
+    def on_message(kind: str, payload, peak_anon_gb) -> bool:
+        if kind == "say":
+            say(payload)
+        elif kind == "row":
+            row, latent, worker_meta = payload
+            for k, v in worker_meta.items():
+                meta.setdefault(k, v)
+            if latent is not None:
+                latents[(backend, row["workload"])] = _torch().from_numpy(latent)
+            pending.pop(row["workload"], None)
+            row_done(_with_build({**row, "peak_anon_gb": peak_anon_gb}, built))
+        return not pending
+
+    end = run_in_own_process(_backend_worker, (backend, cfg, inputs), f"bench-{backend}", on_message)
     if pending:
-        code = worker.exitcode
-        why = " (killed: out of memory?)" if code == -9 else ""
-        exc = RuntimeError(f"the {backend} benchmark process exited with code {code}{why} before it finished")
+        exc = RuntimeError(f"the {backend} benchmark process exited with code {end.exitcode}{end.why()} "
+                           "before it finished")
         say(f"{backend}: {exc}")
         for w in pending.values():
-            row_with_memory(_error_row(backend, w, exc))
+            row_done({**_error_row(backend, w, exc), "peak_anon_gb": end.peak_anon_gb})
 
 
-def _backend_worker(backend: str, cfg: BenchConfig, inputs: dict, messages, parent: int) -> None:
-    """The body of :func:`_bench_backend_isolated`'s process: rows, latents and messages go to ``messages``."""
-    _exit_with_parent(parent)
+def _build_apart(backend: str, cfg: BenchConfig, say: Say) -> dict | None:
+    """An artifact backend benchmarked at one resolution has its artifacts built (or found) first, each
+    network in a build process of its own (:func:`regiondrag.engine.build.build_artifacts`, ``isolate``),
+    so that no build's memory adds to the model the benchmark process holds, as a deployment that runs
+    ``build --isolate`` first. None where that does not apply; else what the rows record of it."""
+    from .build import build_artifacts, supports_isolated_build
+    from .backends.base import precision_of
+
+    if not supports_isolated_build(backend) or len({(w.height, w.width) for w in cfg.workloads}) > 1:
+        return None
+    w = cfg.workloads[0]
+    say(f"{backend}: building (or finding) its artifacts for {w.width}x{w.height}, one process per network")
+    rows = build_artifacts(cfg.model, backend, w.height, w.width, precision_of(cfg.dtype), cfg.ip_adapter,
+                           str(cfg.device), progress=say, isolate=True)
+    built = [r for r in rows if not r["hit"]]
+    return {"built": bool(built), "build_s": sum(r["seconds"] for r in built) if built else None,
+            "process_ms": sum(r["process_s"] for r in rows) * 1e3,
+            "peak_anon_gb": max((r["peak_anon_gb"] or 0.0 for r in rows), default=None)}
+
+
+def _with_build(row: dict, built: dict | None) -> dict:
+    """A row of a backend whose artifacts :func:`_build_apart` built or found: the builds' peak memory
+    counts in the backend's, and the first call of its first workload includes the build processes."""
+    if built is None or row.get("error") is not None:
+        return row
+    row = {**row, "build_peak_anon_gb": built["peak_anon_gb"], "artifacts_built_apart": True,
+           "peak_anon_gb": max(row["peak_anon_gb"] or 0.0, built["peak_anon_gb"] or 0.0) or None}
+    if row["artifacts"] in ("built", "cached"):  # the workload whose first edit loaded the artifacts
+        row["artifacts"] = "built" if built["built"] else "cached"
+        row["artifact_build_s"] = built["build_s"]
+        row["first_call_ms"] += built["process_ms"]
+    return row
+
+
+def _backend_worker(backend: str, cfg: BenchConfig, inputs: dict, send) -> None:
+    """The body of :func:`_bench_backend_isolated`'s process: rows (with latents) and messages to ``send``."""
     meta: dict = {}
     latents: dict = {}
 
     def row_done(row: dict) -> None:
         latent = latents.get((backend, row["workload"]))
-        messages.put(("row", (row, None if latent is None else latent.numpy(), dict(meta))))
+        send("row", (row, None if latent is None else latent.numpy(), dict(meta)))
 
-    _bench_backend(backend, cfg, inputs, lambda m: messages.put(("say", m)), meta, latents, row_done)
-    messages.close()
-    messages.join_thread()  # everything sent before the process exits
-
-
-def _exit_with_parent(parent: int, interval: float = 1.0) -> None:
-    """Ends this worker once the bench process that started it is gone (killed, say): no one would read
-    what it measures, and it would hold the CPU and memory for minutes. A daemon process is ended only
-    when its parent exits normally."""
-    import threading
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval)
-        os._exit(3)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    _bench_backend(backend, cfg, inputs, lambda m: send("say", m), meta, latents, row_done)
 
 
 def _finite(x):

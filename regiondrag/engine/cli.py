@@ -166,6 +166,10 @@ def _add_build_parser(sub) -> None:
     p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--cache-dir", help="cache root (default: $REGIONDRAG_CACHE or ~/.cache/regiondrag)")
+    p.add_argument("--isolate", action="store_true",
+                   help="build each network in a process of its own (compiled, onnxruntime): the peak memory "
+                   "is one network's build instead of the whole model plus every build so far; loads the "
+                   "model once per network")
 
 
 def cmd_build(args) -> int:
@@ -177,11 +181,12 @@ def cmd_build(args) -> int:
     _say(f"building {args.backend} artifacts for {model} at {args.height}x{args.width}")
     t0 = time.perf_counter()
     rows = build_artifacts(model, args.backend, args.height, args.width, args.precision, _ip_arg(args),
-                           args.device, args.config, progress=_say)
-    print(f"{'network':<14} {'status':<7} {'MiB':>8} {'seconds':>8}  path")
+                           args.device, args.config, progress=_say, isolate=args.isolate)
+    print(f"{'network':<14} {'status':<7} {'MiB':>8} {'seconds':>8} {'peak GiB':>9}  path")
     for r in rows:
+        peak = r.get("peak_anon_gb")  # the build process's peak anonymous memory (with --isolate)
         print(f"{r['network']:<14} {'cached' if r['hit'] else 'built':<7} {r['bytes'] / 2**20:>8.1f} "
-              f"{r['seconds']:>8.1f}  {r['path']}")
+              f"{r['seconds']:>8.1f} {'-' if peak is None else f'{peak:.2f}':>9}  {r['path']}")
     _say(f"done in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import time
 from pathlib import Path
@@ -95,18 +96,10 @@ class CompiledRunnerBase(TorchRunner):
         self.report = []
         built = {}  # every artifact first, then the loads: a build's peak memory never adds to loaded packages
         for network in self.networks:
-            if network not in specs:
-                continue
-            spec = specs[network]
-            t0 = time.perf_counter()
-            art, hit = self.cache.get_or_build(
-                self.key(network, spec), lambda d, n=network, s=spec: self._build_logged(n, s, d),
-                meta={"network": network, "backend": self.name, "height": height, "width": width,
-                      "precision": self.precision, "model": self.components.source})
-            built[network] = art
-            self.report.append({"network": network, "path": str(art), "hit": hit,
-                                "bytes": sum(f.stat().st_size for f in art.rglob("*") if f.is_file()),
-                                "seconds": time.perf_counter() - t0})
+            if network in specs:
+                row = self._artifact(network, specs[network], height, width)
+                built[network] = Path(row["path"])
+                self.report.append(row)
         if not self.keep_eager_weights:
             self._release_eager(set(built))
         loaded = {}
@@ -120,11 +113,49 @@ class CompiledRunnerBase(TorchRunner):
             setattr(self, network, fn)
         self.shape = (height, width)
 
+    def _artifact(self, network: str, spec, height: int, width: int) -> dict:
+        """Finds or builds the artifact of ``network`` at one resolution; its row of :attr:`report`."""
+        t0 = time.perf_counter()
+        art, hit = self.cache.get_or_build(
+            self.key(network, spec), lambda d: self._build_logged(network, spec, d),
+            meta={"network": network, "backend": self.name, "height": height, "width": width,
+                  "precision": self.precision, "model": self.components.source})
+        return {"network": network, "path": str(art), "hit": hit,
+                "bytes": sum(f.stat().st_size for f in art.rglob("*") if f.is_file()),
+                "seconds": time.perf_counter() - t0}
+
+    def build_network(self, height: int, width: int, network: str) -> dict | None:
+        """Finds or builds only ``network``'s artifact at ``height x width`` (what a build process of its
+        own does, see :func:`regiondrag.engine.build.build_artifacts`); its report row, or None when this
+        backend or model has no such network.
+
+        Before building, every eager weight the build does not need is freed (the image encoder's for a
+        UNet: the UNet's sample inputs are computed first), so a process that loaded the whole model
+        builds with little more than that network in memory. This runner cannot edit afterwards.
+        """
+        if self.released:
+            raise self._freed_error(f"build {network}")
+        specs = make_specs(self, height, width)
+        if network not in self.networks or network not in specs:
+            return None
+        samples = specs[network].sample()
+        spec = dataclasses.replace(specs[network], sample=lambda: samples)
+        self._free_weights(set(self.eager) - {network})
+        return self._artifact(network, spec, height, width)
+
     def _release_eager(self, replaced: set[str]) -> None:
         """Frees the weights of the eager networks in ``replaced`` (the plain UNet with the capture
         artifact, which serves it) that no network left eager shares (the IP-Adapter projection, say)."""
         if "unet_capture" in replaced and "unet" not in self.networks:
             replaced = replaced | {"unet"}
+        freed = self._free_weights(replaced)
+        self.released = True
+        if freed:
+            self.progress(f"freed {freed / 2**30:.2f} GiB of eager weights the {self.name} artifacts replace")
+
+    def _free_weights(self, replaced: set[str]) -> int:
+        """Replaces the weights of the eager networks in ``replaced`` that no other eager network shares by
+        meta stand-ins (shape and dtype kept, storage gone) and hands the memory back; the bytes freed."""
         eager = {n: net for n, net in self.eager.items() if isinstance(net, torch.nn.Module)}
         kept = {id(t) for n, net in eager.items() if n not in replaced for t in (*net.parameters(), *net.buffers())}
         self.components.home = (self.device, self.dtype)
@@ -142,11 +173,9 @@ class CompiledRunnerBase(TorchRunner):
                                 stand_in = torch.nn.Parameter(stand_in, requires_grad=t.requires_grad)
                             meta[id(t)] = stand_in
                         table[k] = meta[id(t)]
-        self.released = True
         gc.collect()
         _return_free_heap()
-        if freed:
-            self.progress(f"freed {freed / 2**30:.2f} GiB of eager weights the {self.name} artifacts replace")
+        return freed
 
     def _freed_error(self, what: str) -> RuntimeError:
         return RuntimeError(f"cannot {what} for the {self.name} backend: the eager weights were freed after an "
