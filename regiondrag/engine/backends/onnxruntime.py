@@ -8,6 +8,7 @@ slots, so a whole edit allocates nothing after its first call at a given resolut
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,31 @@ class OrtNetwork:
         return outs[0] if len(outs) == 1 or self.first_only else tuple(outs)
 
 
+FORMAT = 2  # what an artifact holds (in the cache key): 2 = ONNX Runtime's basic-level optimised graph
+
+
+def optimise_offline(exported: Path, path: Path) -> Path:
+    """Saves ``exported`` as ONNX Runtime's basic-level optimisation of it (constants folded, redundant
+    nodes removed: standard ONNX, the same on every execution provider), every initializer over 1 KiB in
+    one external file beside it (``<name>.onnx.data``).
+
+    A session loads that graph with its full optimisations as before, but no longer folds the weights
+    itself: the exporter writes every linear layer as ``MatMul(x, Transpose(W))``, and a session that
+    folded those held the folded weights beside the ones it read, so the full-size image encoder (2.5 GB
+    of weights) cost 5.0 GiB of anonymous memory once loaded; from the saved graph 2.4 GiB, loaded in
+    a third of the time, with bit-identical outputs and the same speed (measured on the CPU, issue 17).
+    """
+    ort = _require_ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    opts.optimized_model_filepath = str(path)
+    opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", f"{path.name}.data")
+    opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(exported), sess_options=opts, providers=["CPUExecutionProvider"])
+    return path
+
+
 # Networks whose outputs the pipeline consumes before calling the same network again: their output
 # buffers are handed out directly and overwritten by the next call (no allocation per step).
 REUSED_OUTPUTS = ("unet_replay", "vae_encoder", "vae_decoder")
@@ -126,10 +152,13 @@ class OrtRunner(CompiledRunnerBase):
     def versions(self) -> dict:
         import onnx
 
-        return {"onnxruntime": _require_ort().__version__, "onnx": onnx.__version__, "torch": torch.__version__}
+        return {"onnxruntime": _require_ort().__version__, "onnx": onnx.__version__, "torch": torch.__version__,
+                "format": FORMAT}
 
     def build(self, network, spec, out_dir: Path) -> None:
-        export_onnx(self, spec, out_dir / f"{network}.onnx")
+        exported = export_onnx(self, spec, out_dir / "export" / f"{network}.onnx")
+        optimise_offline(exported, out_dir / f"{network}.onnx")
+        shutil.rmtree(out_dir / "export")
 
     def load(self, network, spec, art_dir: Path):
         return OrtNetwork(art_dir / f"{network}.onnx", self.device, spec.input_names,
