@@ -238,12 +238,17 @@ def _bench_workload(backend, edit, runner, w: Workload, inp: Inputs, cfg: BenchC
     return row, res.latent.detach().float().cpu()
 
 
+def _one_resolution(cfg: BenchConfig) -> bool:
+    """Whether every workload runs at one size (artifact backends then run as a one-resolution deployment)."""
+    return len({(w.height, w.width) for w in cfg.workloads}) == 1
+
+
 def _count_first_and_free(runner, edit, cfg: BenchConfig, inputs: dict, say: Say) -> dict:
     """A backend whose artifacts replace its eager networks, benchmarked at one resolution, runs as a
     one-resolution deployment does: the FLOPs of each workload are counted first (with the eager
     networks), then the eager weights the artifacts replace are freed at its first prepare
     (``keep_eager_weights``), so its memory is that of the artifacts. Returns workload -> FLOPs."""
-    if not hasattr(runner, "keep_eager_weights") or len({(w.height, w.width) for w in cfg.workloads}) > 1:
+    if not hasattr(runner, "keep_eager_weights") or not _one_resolution(cfg):
         return {}
     counted = {}
     for w in cfg.workloads:
@@ -343,7 +348,7 @@ def _build_apart(backend: str, cfg: BenchConfig, say: Say) -> dict | None:
     from .build import build_artifacts, supports_isolated_build
     from .backends.base import precision_of
 
-    if not supports_isolated_build(backend) or len({(w.height, w.width) for w in cfg.workloads}) > 1:
+    if not supports_isolated_build(backend) or not _one_resolution(cfg):
         return None
     w = cfg.workloads[0]
     say(f"{backend}: building (or finding) its artifacts for {w.width}x{w.height}, one process per network")

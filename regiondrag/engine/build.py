@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .backends import COMPILED_BACKENDS
+from .backends import COMPILED_BACKENDS, runner_class
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 Say = Callable[[str], None]
@@ -34,7 +34,7 @@ def build_artifacts(model: str, backend: str, height: int, width: int, precision
     settings = _checked(model, backend, height, width, precision, ip_adapter, device, config)
     size = processing_size(height, width)
     if isolate and supports_isolated_build(backend):
-        return [row for network in _runner_class(backend).networks
+        return [row for network in runner_class(backend).networks
                 if (row := _build_in_process_of_its_own(settings, size, network, progress or (lambda m: None)))]
     pipe = _load(settings, progress)
     pipe.runner.prepare(*size)
@@ -45,21 +45,7 @@ def supports_isolated_build(backend: str) -> bool:
     """Whether ``backend``'s runner builds one network at a time (``build_network``)."""
     from .backends.base import CompiledRunnerBase
 
-    return backend in COMPILED_BACKENDS and issubclass(_runner_class(backend), CompiledRunnerBase)
-
-
-def _runner_class(backend: str):
-    if backend == "compiled":
-        from .backends.compiled import CompiledRunner
-
-        return CompiledRunner
-    if backend == "onnxruntime":
-        from .backends.onnxruntime import OrtRunner
-
-        return OrtRunner
-    from .backends.tensorrt import TensorRTRunner
-
-    return TensorRTRunner
+    return backend in COMPILED_BACKENDS and issubclass(runner_class(backend), CompiledRunnerBase)
 
 
 def _checked(model, backend, height, width, precision, ip_adapter, device, config) -> dict:

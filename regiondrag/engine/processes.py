@@ -20,7 +20,6 @@ from typing import Any, Callable
 class Finished:
     """How a process of :func:`run_in_own_process` ended."""
 
-    complete: bool  # ``on_message`` said it had everything
     exitcode: int | None
     peak_anon_gb: float | None
     peak_rss_gb: float | None
@@ -67,7 +66,7 @@ def run_in_own_process(target: Callable, args: tuple, name: str,
             worker.kill()
             worker.join()
         memory.stop()
-    return Finished(complete, worker.exitcode, memory.peak_anon_gb, memory.peak_rss_gb, time.perf_counter() - t0)
+    return Finished(worker.exitcode, memory.peak_anon_gb, memory.peak_rss_gb, time.perf_counter() - t0)
 
 
 def _child(target: Callable, args: tuple, messages, parent: int) -> None:

@@ -20,19 +20,24 @@ BACKENDS = ("torch", "compiled", "onnxruntime", "tensorrt")
 COMPILED_BACKENDS = BACKENDS[1:]
 
 
-def make_runner(backend: str, components, cache=None, progress=None):
-    """The runner of compiled ``backend`` for ``components`` (artifacts in ``cache``, an ArtifactCache);
-    ``torch`` is :class:`regiondrag.runner.TorchRunner` itself (see ``regiondrag.pipeline.make_runner``)."""
+def runner_class(backend: str):
+    """The runner class of compiled ``backend`` (imported on demand: each may need heavy libraries)."""
     if backend == "compiled":
         from .compiled import CompiledRunner
 
-        return CompiledRunner(components, cache=cache, progress=progress)
+        return CompiledRunner
     if backend == "onnxruntime":
         from .onnxruntime import OrtRunner
 
-        return OrtRunner(components, cache=cache, progress=progress)
+        return OrtRunner
     if backend == "tensorrt":
         from .tensorrt import TensorRTRunner
 
-        return TensorRTRunner(components, cache=cache, progress=progress)
+        return TensorRTRunner
     raise ValueError(f"backend {backend!r} is not one of {', '.join(COMPILED_BACKENDS)}")
+
+
+def make_runner(backend: str, components, cache=None, progress=None):
+    """The runner of compiled ``backend`` for ``components`` (artifacts in ``cache``, an ArtifactCache);
+    ``torch`` is :class:`regiondrag.runner.TorchRunner` itself (see ``regiondrag.pipeline.make_runner``)."""
+    return runner_class(backend)(components, cache=cache, progress=progress)
